@@ -1,0 +1,1 @@
+"""The emulated AWS IoT Core endpoint: broker, registry, provisioning, control plane."""
