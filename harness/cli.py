@@ -1,0 +1,138 @@
+"""The ``fleetbench`` command.
+
+Subcommands register themselves from their own modules (``add_*_parser`` /
+``run_*``); this file only wires them together and keeps exit codes consistent:
+0 success, 1 a failed run or flow, 2 bad usage or configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _parse_hook(spec: str) -> tuple[str, str]:
+    arn, sep, target = spec.partition("=")
+    if not sep or not arn or not target:
+        raise argparse.ArgumentTypeError(f"--hook expects ARN=TARGET, got {spec!r}")
+    return arn, target
+
+
+def add_emulator_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("emulator", help="run the emulated AWS IoT endpoint in the foreground")
+    p.add_argument("--host", default="127.0.0.1", help="MQTT bind address (default 127.0.0.1)")
+    p.add_argument("--mqtt-port", type=int, default=8883, help="MQTT/TLS port, 0 = free port")
+    p.add_argument("--api-port", type=int, default=8443, help="control-plane port, 0 = free port")
+    p.add_argument("--api-host", default="127.0.0.1",
+                   help="control-plane bind address (default 127.0.0.1; use --api-token beyond it)")
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help="keeps CA, server certificate and registry; default a fresh temp dir")
+    p.add_argument("--region", default="us-east-1")
+    p.add_argument("--account-id", default="123456789012")
+    p.add_argument("--san", action="append", default=[], metavar="NAME",
+                   help="extra DNS name or IP for the server certificate (repeatable)")
+    p.add_argument("--hook", action="append", default=[], type=_parse_hook, metavar="ARN=TARGET",
+                   help="map a pre-provisioning hook Lambda ARN to python:mod:func, "
+                        "http(s)://url or cmd:command (repeatable)")
+    p.add_argument("--api-token", default=None,
+                   help="refuse control-plane requests not carrying this token / signed with it")
+    p.add_argument("--explain-refusals", action="store_true",
+                   help="answer a refused CONNECT with a CONNACK reason code instead of AWS's "
+                        "silent close (emulator-only aid for firmware developers)")
+    p.add_argument("--log-level", default="INFO")
+
+
+def run_emulator(args: argparse.Namespace) -> int:
+    from harness.emulator.app import Emulator, EmulatorConfig
+
+    if args.api_host not in ("127.0.0.1", "localhost", "::1") and not args.api_token:
+        print("fleetbench: warning: control plane exposed beyond loopback without --api-token",
+              file=sys.stderr)
+    overrides = {"explain_refusals": True} if args.explain_refusals else {}
+    config = EmulatorConfig(
+        host=args.host,
+        mqtt_port=args.mqtt_port,
+        api_port=args.api_port,
+        api_host=args.api_host,
+        data_dir=args.data_dir,
+        region=args.region,
+        account_id=args.account_id,
+        sans=tuple(args.san),
+        hooks=dict(args.hook),
+        api_token=args.api_token,
+        broker_overrides=overrides,
+    )
+
+    async def main() -> None:
+        emulator = Emulator(config)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        info = await emulator.start()
+        print(json.dumps(info.to_dict()), flush=True)
+        try:
+            await stop.wait()
+        finally:
+            await emulator.stop()
+
+    try:
+        import uvloop
+
+        uvloop.run(main())
+    except ImportError:
+        asyncio.run(main())
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fleetbench",
+        description="End-to-end test harness for AWS IoT fleet provisioning.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_emulator_parser(sub)
+    try:
+        from harness.reporting.cli import add_report_parser
+    except ImportError:
+        pass
+    else:
+        add_report_parser(sub)
+    return parser
+
+
+RUNNERS = {
+    "emulator": run_emulator,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, str(getattr(args, "log_level", "WARNING")).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    runner = RUNNERS.get(args.command)
+    if runner is None and args.command == "report":
+        from harness.reporting.cli import run_report
+
+        runner = run_report
+    if runner is None:
+        parser.error(f"unknown command {args.command}")
+    try:
+        return runner(args)
+    except KeyboardInterrupt:
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

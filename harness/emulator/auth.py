@@ -1,0 +1,342 @@
+"""Who is connecting and what they may do: certificate → principal → per-connection authorizer.
+
+The broker only needs a small view of the registry, :class:`DeviceDirectory`, so
+tests can use an in-memory one. A principal comes from the first
+:data:`PrincipalResolver` that knows the certificate (part 2 resolves live
+temporary provisioning claims this way, with their own policy and expiry),
+else from the directory: a registered certificate in ACTIVE state (spec §2.3).
+
+Authorization is evaluated per connection through :class:`ConnectionAuthorization`,
+which builds the policy engine's :class:`~harness.emulator.policy.Authorizer` on
+first use and rebuilds it after :meth:`Authentication.invalidate` (policies,
+attachments or things changed): invalidation is one counter increment, the
+rebuild happens lazily on the next check of each connection.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from enum import Enum
+from functools import lru_cache
+from typing import Any, Protocol
+
+from cryptography import x509
+
+from harness.emulator.broker_settings import BrokerSettings
+from harness.emulator.policy import Authorizer, ConnectionContext, PolicyDocument, parse_policy
+
+log = logging.getLogger("fleetbench.broker.auth")
+
+
+# -- the registry view the broker needs ---------------------------------------------------------
+
+class CertificateRecord(Protocol):
+    @property
+    def certificate_id(self) -> str: ...
+    @property
+    def certificate_pem(self) -> str: ...
+    @property
+    def status(self) -> Any: ...  # Enum whose .value is "ACTIVE", "INACTIVE", "REVOKED", ...
+    @property
+    def certificate_mode(self) -> Any: ...  # Enum whose .value is "DEFAULT" or "SNI_ONLY"
+    @property
+    def ca_certificate_id(self) -> str | None: ...
+
+
+class ThingRecord(Protocol):
+    @property
+    def thing_name(self) -> str: ...
+    @property
+    def thing_type_name(self) -> str | None: ...
+    @property
+    def attributes(self) -> Mapping[str, str]: ...
+
+
+class ConnectionViewRecord(Protocol):
+    @property
+    def certificate(self) -> CertificateRecord: ...
+    @property
+    def thing(self) -> ThingRecord | None: ...
+    @property
+    def is_attached(self) -> bool: ...
+    @property
+    def exclusive(self) -> bool: ...
+    @property
+    def policy_documents(self) -> tuple[str, ...]: ...
+
+
+class DeviceDirectory(Protocol):
+    """What the broker reads from the registry; every read is in memory (safe on the loop)."""
+
+    def get_certificate(self, certificate_id: str) -> CertificateRecord | None: ...
+
+    def connection_view(self, certificate_id: str, client_id: str) -> ConnectionViewRecord:
+        """Spec §3.4: the connection's thing and policy set for this certificate and client id."""
+        ...
+
+    def add_listener(self, fn: Callable[[Any], None]) -> None:
+        """``fn(event)`` after each commit, in the writer's thread; ``event.kind`` is one of
+        certificate_status, certificate_deleted, policies_changed, thing_changed, reset,
+        trust_changed (with ``certificate_id`` / ``status`` where relevant)."""
+        ...
+
+    def trust_anchors_pem(self) -> list[str]:
+        """CA certificates (registered CAs, SNI_ONLY certificates) TLS clients may chain to,
+        besides the emulator's own CA."""
+        ...
+
+
+def _wire(value: Any) -> Any:
+    """An enum's wire value, or the value itself (in-memory directories may use strings)."""
+    return value.value if isinstance(value, Enum) else value
+
+
+# -- principals -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Principal:
+    """The identity a connection authenticated as.
+
+    ``policy_documents`` None means the directory supplies the policy set (a
+    registered certificate); a resolver's principal (a temporary claim) brings
+    its own. ``expires_at`` is on the shared clock.
+    """
+
+    certificate_id: str
+    certificate: x509.Certificate
+    policy_documents: tuple[str | PolicyDocument, ...] | None = None
+    expires_at: float | None = None
+    kind: str = "certificate"
+
+    @property
+    def from_directory(self) -> bool:
+        return self.policy_documents is None
+
+
+#: ``resolver(certificate_id, certificate) -> Principal | None``, consulted before the directory.
+PrincipalResolver = Callable[[str, x509.Certificate], "Principal | None"]
+
+
+class Refusal(str, Enum):
+    """Why a certificate may not connect (observation detail; the device sees no difference)."""
+
+    CERTIFICATE_UNKNOWN = "certificate_unknown"
+    CERTIFICATE_NOT_ACTIVE = "certificate_not_active"
+    PRINCIPAL_EXPIRED = "principal_expired"
+    SNI_REQUIRED = "sni_required"
+    SNI_MISMATCH = "sni_mismatch"
+    NO_CERTIFICATE = "no_certificate"
+
+
+@dataclass(frozen=True)
+class Admission:
+    """Result of authenticating a TLS peer: a principal, or why not."""
+
+    certificate_id: str | None
+    principal: Principal | None = None
+    refusal: Refusal | None = None
+    detail: str = ""
+
+
+@lru_cache(maxsize=2048)
+def _parsed_policy(text: str) -> PolicyDocument:
+    return parse_policy(text)
+
+
+def _documents(texts: Sequence[str | PolicyDocument]) -> list[PolicyDocument]:
+    out = []
+    for text in texts:
+        if isinstance(text, PolicyDocument):
+            out.append(text)
+            continue
+        try:
+            out.append(_parsed_policy(text))
+        except Exception as exc:  # a stored policy the engine cannot read grants nothing
+            log.warning("event=policy_unreadable error=%s", exc)
+    return out
+
+
+@dataclass(frozen=True)
+class RegistryReaction:
+    """What a registry event means for live connections."""
+
+    recheck_all: bool = False
+    recheck: frozenset[str] = frozenset()  # certificate ids whose connections to re-admit
+    invalidate: bool = False  # policy sets / thing data may have changed
+    trust_changed: bool = False
+
+
+class Authentication:
+    """Turns TLS peers into principals and principals into per-connection authorization."""
+
+    def __init__(self, directory: DeviceDirectory, settings: BrokerSettings, *,
+                 region: str, account_id: str) -> None:
+        self.directory = directory
+        self.settings = settings
+        self.region = region
+        self.account_id = account_id
+        self.generation = 0
+        self._resolvers: list[PrincipalResolver] = []
+        self._certificates: OrderedDict[str, x509.Certificate] = OrderedDict()
+
+    def add_resolver(self, resolver: PrincipalResolver) -> None:
+        self._resolvers.append(resolver)
+
+    def invalidate(self) -> None:
+        """Every connection rebuilds its authorizer on its next check."""
+        self.generation += 1
+
+    def certificate(self, der: bytes, certificate_id: str) -> x509.Certificate:
+        """The parsed certificate (an LRU cache: devices reconnect with the same one)."""
+        cert = self._certificates.get(certificate_id)
+        if cert is None:
+            cert = x509.load_der_x509_certificate(der)
+            self._certificates[certificate_id] = cert
+            if len(self._certificates) > 4096:
+                self._certificates.popitem(last=False)
+        else:
+            self._certificates.move_to_end(certificate_id)
+        return cert
+
+    def authenticate(self, der: bytes | None, sni: str | None, now: float) -> Admission:
+        """Spec §2.3, §1.2: the principal of a TLS peer presenting ``der``."""
+        if not der:
+            return Admission(None, refusal=Refusal.NO_CERTIFICATE)
+        certificate_id = hashlib.sha256(der).hexdigest()
+        if sni is not None and self.settings.sni_host_names \
+                and sni not in self.settings.sni_host_names:
+            return Admission(certificate_id, refusal=Refusal.SNI_MISMATCH, detail=sni)
+        cert = self.certificate(der, certificate_id)
+        for resolver in self._resolvers:
+            principal = resolver(certificate_id, cert)
+            if principal is not None:
+                if principal.expires_at is not None and now >= principal.expires_at:
+                    return Admission(certificate_id, refusal=Refusal.PRINCIPAL_EXPIRED)
+                return Admission(certificate_id, principal)
+        record = self.directory.get_certificate(certificate_id)
+        if record is None:
+            return Admission(certificate_id, refusal=Refusal.CERTIFICATE_UNKNOWN)
+        status = _wire(record.status)
+        if status != "ACTIVE":
+            return Admission(certificate_id, refusal=Refusal.CERTIFICATE_NOT_ACTIVE,
+                             detail=str(status))
+        if sni is None and (self.settings.require_sni
+                            or _wire(record.certificate_mode) == "SNI_ONLY"):
+            return Admission(certificate_id, refusal=Refusal.SNI_REQUIRED)
+        return Admission(certificate_id, Principal(certificate_id, cert))
+
+    def still_admitted(self, principal: Principal, now: float) -> bool:
+        """Whether a live connection of ``principal`` may stay (certificate still ACTIVE;
+        a resolver's principal until its expiry if the setting says so)."""
+        if not principal.from_directory:
+            return not (self.settings.disconnect_at_principal_expiry
+                        and principal.expires_at is not None and now >= principal.expires_at)
+        record = self.directory.get_certificate(principal.certificate_id)
+        return record is not None and _wire(record.status) == "ACTIVE"
+
+    def authorization(self, principal: Principal, client_id: str, *, source_ip: str | None,
+                      domain_name: str | None,
+                      connect_attributes: frozenset[str]) -> ConnectionAuthorization:
+        return ConnectionAuthorization(self, principal, client_id, source_ip=source_ip,
+                                       domain_name=domain_name,
+                                       connect_attributes=connect_attributes)
+
+    def reaction(self, event: Any) -> RegistryReaction:
+        """Spec §2.3 and §1.9: what a registry event changes for live connections."""
+        kind = getattr(event, "kind", None)
+        if kind == "certificate_status":
+            status = _wire(getattr(event, "status", None))
+            if status == "ACTIVE":
+                return RegistryReaction()
+            return RegistryReaction(recheck=frozenset({event.certificate_id}))
+        if kind == "certificate_deleted":
+            return RegistryReaction(recheck=frozenset({event.certificate_id}), invalidate=True)
+        if kind in ("policies_changed", "thing_changed"):
+            return RegistryReaction(invalidate=True)
+        if kind == "reset":
+            return RegistryReaction(recheck_all=True, invalidate=True, trust_changed=True)
+        if kind == "trust_changed":
+            return RegistryReaction(trust_changed=True)
+        return RegistryReaction()
+
+
+class ConnectionAuthorization:
+    """One connection's authorization; cached, rebuilt lazily after invalidation (spec §1.9:
+    Publish, Subscribe and Receive are checked per operation against current policies)."""
+
+    __slots__ = ("_auth", "_authorizer", "_generation", "client_id", "connect_attributes",
+                 "domain_name", "exclusive_thing_name", "principal", "source_ip")
+
+    def __init__(self, auth: Authentication, principal: Principal, client_id: str, *,
+                 source_ip: str | None, domain_name: str | None,
+                 connect_attributes: frozenset[str]) -> None:
+        self._auth = auth
+        self.principal = principal
+        self.client_id = client_id
+        self.source_ip = source_ip
+        self.domain_name = domain_name
+        self.connect_attributes = connect_attributes
+        self.exclusive_thing_name: str | None = None
+        self._authorizer: Authorizer | None = None
+        self._generation = -1
+
+    @property
+    def authorizer(self) -> Authorizer:
+        if self._authorizer is None or self._generation != self._auth.generation:
+            self._generation = self._auth.generation
+            self._authorizer = self._build()
+        return self._authorizer
+
+    def _build(self) -> Authorizer:
+        principal = self.principal
+        thing = None
+        is_attached = False
+        exclusive = False
+        if principal.policy_documents is not None:
+            texts: Sequence[str | PolicyDocument] = principal.policy_documents
+        else:
+            try:
+                view = self._auth.directory.connection_view(principal.certificate_id,
+                                                            self.client_id)
+            except Exception as exc:  # certificate vanished: nothing is allowed any more
+                log.info("event=connection_view_failed cert=%s error=%s",
+                         principal.certificate_id, exc)
+                texts = ()
+            else:
+                texts = view.policy_documents
+                thing = view.thing
+                is_attached = bool(view.is_attached)
+                exclusive = bool(view.exclusive)
+        self.exclusive_thing_name = thing.thing_name if (thing is not None and exclusive) \
+            else None
+        context = ConnectionContext(
+            region=self._auth.region,
+            account_id=self._auth.account_id,
+            client_id=self.client_id,
+            certificate=principal.certificate,
+            certificate_id=principal.certificate_id,
+            thing_name=thing.thing_name if thing is not None else None,
+            thing_type_name=thing.thing_type_name if thing is not None else None,
+            thing_attributes=dict(thing.attributes or {}) if thing is not None else {},
+            is_attached=is_attached,
+            source_ip=self.source_ip,
+            domain_name=self.domain_name,
+            connect_attributes=self.connect_attributes,
+        )
+        return Authorizer(_documents(texts), context)
+
+    def can_connect(self) -> bool:
+        return self.authorizer.can_connect()
+
+    def can_publish(self, topic: str, retain: bool = False) -> bool:
+        return self.authorizer.can_publish(topic, retain)
+
+    def can_subscribe(self, topic_filter: str) -> bool:
+        return self.authorizer.can_subscribe(topic_filter)
+
+    def can_receive(self, topic: str) -> bool:
+        return self.authorizer.can_receive(topic)

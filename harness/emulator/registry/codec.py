@@ -1,0 +1,85 @@
+"""Records to JSON text and back, driven by the dataclasses' type hints.
+
+SQLite rows hold one JSON object per record, so adding a field with a default
+needs no migration: rows written before it load with the default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import types
+import typing
+from collections.abc import Callable, Mapping
+from enum import Enum
+from typing import Any
+
+
+def to_plain(value: Any) -> Any:
+    """A JSON-ready copy of ``value`` (dataclasses become dicts, enums their values)."""
+    if isinstance(value, Enum):
+        return value.value
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        return {str(k): to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_plain(v) for v in value]
+    return value
+
+
+def encode(record: Any) -> str:
+    return json.dumps(to_plain(record), separators=(",", ":"), sort_keys=True)
+
+
+def decode(cls: type, text: str) -> Any:
+    return _decoder(cls)(json.loads(text))
+
+
+def encode_key(key: Any) -> str:
+    return json.dumps(list(key) if isinstance(key, tuple) else key, separators=(",", ":"))
+
+
+def decode_key(text: str) -> Any:
+    value = json.loads(text)
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _identity(value: Any) -> Any:
+    return value
+
+
+@functools.cache
+def _decoder(tp: Any) -> Callable[[Any], Any]:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        inner = _decoder(next(a for a in args if a is not type(None)))
+        return lambda v: None if v is None else inner(v)
+    if isinstance(tp, type) and issubclass(tp, Enum):
+        return tp
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        return _dataclass_decoder(tp)
+    if origin is tuple:
+        item = _decoder(args[0]) if args else _identity
+        return lambda v: tuple(item(x) for x in v)
+    if origin is list:
+        item = _decoder(args[0]) if args else _identity
+        return lambda v: [item(x) for x in v]
+    if origin in (dict, Mapping, typing.Mapping):
+        value_decoder = _decoder(args[1]) if len(args) == 2 else _identity
+        return lambda v: {k: value_decoder(x) for k, x in v.items()}
+    if tp is float:
+        return float
+    return _identity
+
+
+def _dataclass_decoder(cls: type) -> Callable[[Any], Any]:
+    hints = typing.get_type_hints(cls)
+    fields = [(f.name, _decoder(hints[f.name])) for f in dataclasses.fields(cls)]
+
+    def build(data: Mapping[str, Any]) -> Any:
+        return cls(**{name: dec(data[name]) for name, dec in fields if name in data})
+
+    return build

@@ -1,0 +1,209 @@
+"""Server-side input validation driven by botocore's ``iot`` model (spec broker §5.1).
+
+boto3 checks required members, types and minimum lengths; patterns, maximum lengths
+and enums reach the server unchecked, and in-process callers (the provisioning
+service filling a thing name from device parameters) check nothing. Every registry
+operation validates its keyword arguments here and raises
+``InvalidRequestException`` with AWS's message style::
+
+    1 validation error detected: Value 'a b' at 'thingName' failed to satisfy
+    constraint: Member must satisfy regular expression pattern: [a-zA-Z0-9:_-]+
+
+Nested structures are wire dicts (camelCase keys); unknown nested keys are ignored
+as AWS does. Java-only patterns (``\\p{...}``) are checked with equivalent predicates.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import unicodedata
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import botocore.session
+from botocore import xform_name
+from botocore.model import OperationModel, Shape
+
+from harness.errors import InvalidRequestException
+
+_Check = Callable[[str], bool]
+
+
+def _all_chars(ok: Callable[[str], bool]) -> _Check:
+    return lambda s: all(ok(ch) for ch in s)
+
+
+def _tag_key_char(ch: str) -> bool:
+    return unicodedata.category(ch)[0] in "LZN" or ch in "_.:/=+-@"
+
+
+#: Model patterns Python's ``re`` cannot express, as predicates.
+_JAVA_PATTERNS: dict[str, _Check] = {
+    "[^\\p{C}]*": _all_chars(lambda ch: unicodedata.category(ch)[0] != "C"),
+    "[\\p{Graph}\\x20]*": _all_chars(lambda ch: "\x20" <= ch <= "\x7e"),
+    "^([\\p{L}\\p{Z}\\p{N}_.:/=+\\-@]*)$": _all_chars(_tag_key_char),
+}
+
+
+@functools.cache
+def service_model() -> Any:
+    return botocore.session.get_session().get_service_model("iot")
+
+
+@functools.cache
+def operation_model(name: str) -> OperationModel:
+    return service_model().operation_model(name)  # type: ignore[no-any-return]
+
+
+@functools.cache
+def _pattern_check(pattern: str) -> _Check | None:
+    if pattern in _JAVA_PATTERNS:
+        return _JAVA_PATTERNS[pattern]
+    try:
+        compiled = re.compile(pattern, re.ASCII)
+    except re.error:
+        return None
+    return lambda s: compiled.fullmatch(s) is not None
+
+
+@functools.cache
+def input_members(operation: str) -> dict[str, str]:
+    """snake_case keyword → AWS member name, for every input member of ``operation``."""
+    shape = operation_model(operation).input_shape
+    return {xform_name(name): name for name in shape.members} if shape is not None else {}
+
+
+def validate_input(operation: str, params: Mapping[str, Any]) -> None:
+    """Check ``params`` (snake_case keywords, None = absent) against the model."""
+    shape = operation_model(operation).input_shape
+    if shape is None:
+        return
+    members = input_members(operation)
+    errors: list[str] = []
+    for snake, wire in members.items():
+        value = params.get(snake)
+        if value is None:
+            if wire in shape.required_members:
+                errors.append(f"Value null at '{wire}' failed to satisfy constraint: "
+                              "Member must not be null")
+            continue
+        _check(shape.members[wire], value, wire, errors)
+    if errors:
+        count = len(errors)
+        noun = "error" if count == 1 else "errors"
+        raise InvalidRequestException(f"{count} validation {noun} detected: " + "; ".join(errors))
+
+
+def _show(value: Any) -> str:
+    """Java's rendering of a value in a validation message."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{_show(k)}={_show(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_show(v) for v in value) + "]"
+    return str(value)
+
+
+def _scalar_problems(shape: Shape, value: Any) -> list[str]:
+    """Constraint texts that ``value`` violates (type, length, range, pattern, enum)."""
+    meta = shape.metadata
+    kind = shape.type_name
+    if kind == "string":
+        if not isinstance(value, str):
+            return ["Member must be a string"]
+        problems = []
+        if "max" in meta and len(value) > meta["max"]:
+            problems.append(f"Member must have length less than or equal to {meta['max']}")
+        if "min" in meta and len(value) < meta["min"]:
+            problems.append(f"Member must have length greater than or equal to {meta['min']}")
+        check = _pattern_check(meta["pattern"]) if "pattern" in meta else None
+        if check is not None and not check(value):
+            problems.append(
+                f"Member must satisfy regular expression pattern: {meta['pattern']}")
+        enum = getattr(shape, "enum", None)
+        if enum and value not in enum:
+            problems.append(f"Member must satisfy enum value set: [{', '.join(enum)}]")
+        return problems
+    if kind in ("integer", "long"):
+        if isinstance(value, bool) or not isinstance(value, int):
+            return ["Member must be an integer"]
+        problems = []
+        if "max" in meta and value > meta["max"]:
+            problems.append(f"Member must have value less than or equal to {meta['max']}")
+        if "min" in meta and value < meta["min"]:
+            problems.append(f"Member must have value greater than or equal to {meta['min']}")
+        return problems
+    if kind == "boolean":
+        return [] if isinstance(value, bool) else ["Member must be a boolean"]
+    if kind in ("double", "float", "timestamp"):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return [] if ok else ["Member must be a number"]
+    return []
+
+
+def _constraint_list(shape: Shape) -> str:
+    """All constraints of an element shape, as AWS lists them for map keys and values."""
+    meta = shape.metadata
+    parts = []
+    if "max" in meta:
+        parts.append(f"Member must have length less than or equal to {meta['max']}")
+    if "min" in meta:
+        parts.append(f"Member must have length greater than or equal to {meta['min']}")
+    if "pattern" in meta:
+        parts.append(f"Member must satisfy regular expression pattern: {meta['pattern']}")
+    enum = getattr(shape, "enum", None)
+    if enum:
+        parts.append(f"Member must satisfy enum value set: [{', '.join(enum)}]")
+    return "[" + ", ".join(parts) + "]"
+
+
+def _check(shape: Shape, value: Any, path: str, errors: list[str]) -> None:
+    prefix = f"Value '{_show(value)}' at '{path}' failed to satisfy constraint: "
+    kind = shape.type_name
+    if kind == "structure":
+        if not isinstance(value, Mapping):
+            errors.append(prefix + "Member must be a structure")
+            return
+        for name, member in shape.members.items():
+            sub = value.get(name)
+            if sub is None:
+                if name in shape.required_members:
+                    errors.append(f"Value null at '{path}.{name}' failed to satisfy "
+                                  "constraint: Member must not be null")
+                continue
+            _check(member, sub, f"{path}.{name}", errors)
+        return
+    if kind == "list":
+        if not isinstance(value, (list, tuple)):
+            errors.append(prefix + "Member must be a list")
+            return
+        meta = shape.metadata
+        if "max" in meta and len(value) > meta["max"]:
+            errors.append(prefix + f"Member must have length less than or equal to {meta['max']}")
+        if "min" in meta and len(value) < meta["min"]:
+            errors.append(prefix
+                          + f"Member must have length greater than or equal to {meta['min']}")
+        element = shape.member
+        if element.type_name == "structure":
+            for i, item in enumerate(value):
+                _check(element, item, f"{path}.{i + 1}.member", errors)
+        elif any(_scalar_problems(element, item) for item in value):
+            errors.append(prefix + "Member must satisfy constraint: " + _constraint_list(element))
+        return
+    if kind == "map":
+        if not isinstance(value, Mapping):
+            errors.append(prefix + "Member must be a map")
+            return
+        if any(_scalar_problems(shape.key, k) for k in value):
+            errors.append(prefix + "Map keys must satisfy constraint: "
+                          + _constraint_list(shape.key))
+        if shape.value.type_name in ("structure", "list", "map"):
+            for k, v in value.items():
+                _check(shape.value, v, f"{path}.{k}", errors)
+        elif any(_scalar_problems(shape.value, v) for v in value.values()):
+            errors.append(prefix + "Map value must satisfy constraint: "
+                          + _constraint_list(shape.value))
+        return
+    errors.extend(prefix + problem for problem in _scalar_problems(shape, value))
