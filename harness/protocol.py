@@ -45,9 +45,6 @@ Suffix = Literal["accepted", "rejected"]
 ACCEPTED: Suffix = "accepted"
 REJECTED: Suffix = "rejected"
 
-#: Template names are 1-36 of ``[0-9A-Za-z_-]`` (§6.1); the embedded C SDK caps them at 36.
-TEMPLATE_NAME_MAX_LENGTH = 36
-
 _CERTIFICATE_SEGMENTS: dict[str, Api] = {
     "create": Api.CREATE_KEYS_AND_CERTIFICATE,
     "create-from-csr": Api.CREATE_CERTIFICATE_FROM_CSR,
@@ -63,31 +60,31 @@ REQUEST_FILTERS: tuple[str, ...] = (
 )
 
 
-def _format(fmt: PayloadFormat | str) -> PayloadFormat:
-    return PayloadFormat(fmt)
+def _is_topic_segment(template: str) -> bool:
+    # Only what would break the topic's structure is refused; a well-formed but unknown
+    # name is the service's business (404 on the rejected topic, edge case 6).
+    return bool(template) and not any(c in template for c in "/+#\0")
 
 
 def _check_template_segment(template: str) -> None:
-    # Only what would break the topic's structure is refused here; a well-formed but
-    # unknown name is the service's business (404 on the rejected topic, edge case 6).
-    if not template or any(c in template for c in "/+#\0"):
+    if not _is_topic_segment(template):
         raise ValueError(f"template name {template!r} cannot form a topic segment")
 
 
 def create_keys_topic(fmt: PayloadFormat | str) -> str:
     """``$aws/certificates/create/<fmt>``: the CreateKeysAndCertificate request topic."""
-    return f"$aws/certificates/create/{_format(fmt).value}"
+    return request_topic(Api.CREATE_KEYS_AND_CERTIFICATE, fmt)
 
 
 def create_from_csr_topic(fmt: PayloadFormat | str) -> str:
     """``$aws/certificates/create-from-csr/<fmt>``: the CreateCertificateFromCsr request topic."""
-    return f"$aws/certificates/create-from-csr/{_format(fmt).value}"
+    return request_topic(Api.CREATE_CERTIFICATE_FROM_CSR, fmt)
 
 
 def register_thing_topic(template: str, fmt: PayloadFormat | str) -> str:
     """``$aws/provisioning-templates/<template>/provision/<fmt>``: the RegisterThing topic."""
     _check_template_segment(template)
-    return f"$aws/provisioning-templates/{template}/provision/{_format(fmt).value}"
+    return f"$aws/provisioning-templates/{template}/provision/{PayloadFormat(fmt).value}"
 
 
 def request_topic(api: Api, fmt: PayloadFormat | str, template: str | None = None) -> str:
@@ -97,7 +94,7 @@ def request_topic(api: Api, fmt: PayloadFormat | str, template: str | None = Non
         if template is None:
             raise ValueError("RegisterThing topics need a template name")
         return register_thing_topic(template, fmt)
-    return f"$aws/certificates/{_SEGMENT_OF[Api(api)]}/{_format(fmt).value}"
+    return f"$aws/certificates/{_SEGMENT_OF[Api(api)]}/{PayloadFormat(fmt).value}"
 
 
 def _require_request_topic(topic: str) -> None:
@@ -155,18 +152,19 @@ def parse_topic(topic: str) -> ParsedTopic | None:
         base = 4
     elif parts[1] == "provisioning-templates" and len(parts) >= 5 and parts[3] == "provision":
         api, template, base = Api.REGISTER_THING, parts[2], 5
-        if not template or "+" in template or "#" in template:
+        if not _is_topic_segment(template):
             return None
     else:
         return None
     if api is None or parts[base - 1] not in ("json", "cbor"):
         return None
-    rest = parts[base:]
+    fmt, rest = PayloadFormat(parts[base - 1]), parts[base:]
     if not rest:
-        return ParsedTopic(api, PayloadFormat(parts[base - 1]), template, None)
-    if len(rest) == 1 and rest[0] in (ACCEPTED, REJECTED):
-        suffix: Suffix = ACCEPTED if rest[0] == ACCEPTED else REJECTED
-        return ParsedTopic(api, PayloadFormat(parts[base - 1]), template, suffix)
+        return ParsedTopic(api, fmt, template)
+    if rest == [ACCEPTED]:
+        return ParsedTopic(api, fmt, template, ACCEPTED)
+    if rest == [REJECTED]:
+        return ParsedTopic(api, fmt, template, REJECTED)
     return None
 
 
@@ -196,8 +194,11 @@ THROTTLING_CODE = "ThrottlingException"
 #: from the spec's "409 or 400").
 RESOURCE_CONFLICTS_CODE = "ResourceConflictsException"
 RESOURCE_CONFLICTS_STATUS = 409
-#: UNCONFIRMED, no suggestion in the spec: template evaluation errors, a disabled or
-#: non-fleet template. Named after the control plane's InvalidRequestException.
+#: UNCONFIRMED, no suggestion in the spec: provision-time template evaluation errors
+#: (missing parameter value, ``Fn::Select`` out of range, unknown thing group, ...).
+INVALID_PARAMETERS_CODE = "InvalidParameters"
+#: UNCONFIRMED, no suggestion in the spec: a disabled or non-fleet template. Named after
+#: the control plane's InvalidRequestException.
 INVALID_REQUEST_CODE = "InvalidRequest"
 #: UNCONFIRMED (spec: "400 or 403"): 400, the request cannot succeed until the template changes.
 TEMPLATE_DISABLED_STATUS = 400
@@ -297,7 +298,7 @@ def resource_conflict(resource_type: str, name: str) -> ProvisioningError:
 def invalid_parameters(reason: str) -> ProvisioningError:
     """A parameter the template needs has no value, or a value it cannot use (§3.1)."""
     return ProvisioningError(
-        STATUS_BAD_REQUEST, INVALID_REQUEST_CODE, f"Invalid template parameters: {reason}."
+        STATUS_BAD_REQUEST, INVALID_PARAMETERS_CODE, f"Invalid template parameters: {reason}."
     )
 
 
@@ -305,7 +306,7 @@ def template_evaluation_failed(reason: str) -> ProvisioningError:
     """Any other provision-time template error: ``Fn::Select`` out of range, missing
     map key, thing group or type that does not exist (§3.7)."""
     return ProvisioningError(
-        STATUS_BAD_REQUEST, INVALID_REQUEST_CODE, f"Template evaluation failed: {reason}."
+        STATUS_BAD_REQUEST, INVALID_PARAMETERS_CODE, f"Template evaluation failed: {reason}."
     )
 
 
@@ -585,7 +586,7 @@ def encode(message: WireMessage | Mapping[str, Any], fmt: PayloadFormat | str) -
     as ``statusCode`` come out as CBOR unsigned integers (major type 0).
     """
     data = dict(message) if isinstance(message, Mapping) else message.to_wire()
-    if _format(fmt) is PayloadFormat.JSON:
+    if PayloadFormat(fmt) is PayloadFormat.JSON:
         return json.dumps(data, separators=(",", ":"), ensure_ascii=False,
                           allow_nan=False).encode("utf-8")
     return cbor2.dumps(data)
@@ -633,7 +634,7 @@ def decode(payload: bytes, fmt: PayloadFormat | str) -> dict[str, Any]:
     """
     if not payload:
         return {}
-    value = _DECODERS[_format(fmt)](bytes(payload))
+    value = _DECODERS[PayloadFormat(fmt)](bytes(payload))
     if not isinstance(value, dict):
         raise invalid_payload(f"top level must be an object, got {_type_name(value)}")
     if not all(isinstance(key, str) for key in value):

@@ -233,7 +233,7 @@ def test_sync_hook_past_the_limit_times_out_without_blocking_the_loop() -> None:
     assert ticks >= 3
 
 
-def test_default_timeout_is_awss_five_seconds() -> None:
+def test_default_timeout_is_aws_five_seconds() -> None:
     # spec §4 / §5: 5-second hook limit
     assert HOOK_TIMEOUT_SECONDS == 5.0
     assert HookRunner(HookTargets()).timeout == 5.0

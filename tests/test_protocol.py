@@ -21,22 +21,27 @@ PEM = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
 KEY = "-----BEGIN RSA PRIVATE KEY-----\nMIIE\n-----END RSA PRIVATE KEY-----\n"
 FORMATS = list(PayloadFormat)
 
-# spec §1.1: the full expansion, written out as the spec lists it.
-ALL_TOPICS: dict[str, ParsedTopic] = {}
-for _fmt in ("json", "cbor"):
-    for _base, _api, _template in [
-        (f"$aws/certificates/create/{_fmt}", Api.CREATE_KEYS_AND_CERTIFICATE, None),
-        (f"$aws/certificates/create-from-csr/{_fmt}", Api.CREATE_CERTIFICATE_FROM_CSR, None),
-        (f"$aws/provisioning-templates/{TEMPLATE}/provision/{_fmt}", Api.REGISTER_THING, TEMPLATE),
-    ]:
-        ALL_TOPICS[_base] = ParsedTopic(_api, PayloadFormat(_fmt), _template, None)
-        ALL_TOPICS[f"{_base}/accepted"] = ParsedTopic(_api, PayloadFormat(_fmt), _template,
-                                                      "accepted")
-        ALL_TOPICS[f"{_base}/rejected"] = ParsedTopic(_api, PayloadFormat(_fmt), _template,
-                                                      "rejected")
+def _all_topics() -> dict[str, ParsedTopic]:
+    """spec §1.1: the full expansion, written out as the spec lists it."""
+    topics: dict[str, ParsedTopic] = {}
+    for fmt in PayloadFormat:
+        for base, api, template in [
+            (f"$aws/certificates/create/{fmt.value}", Api.CREATE_KEYS_AND_CERTIFICATE, None),
+            (f"$aws/certificates/create-from-csr/{fmt.value}",
+             Api.CREATE_CERTIFICATE_FROM_CSR, None),
+            (f"$aws/provisioning-templates/{TEMPLATE}/provision/{fmt.value}",
+             Api.REGISTER_THING, TEMPLATE),
+        ]:
+            topics[base] = ParsedTopic(api, fmt, template, None)
+            topics[f"{base}/accepted"] = ParsedTopic(api, fmt, template, "accepted")
+            topics[f"{base}/rejected"] = ParsedTopic(api, fmt, template, "rejected")
+    return topics
 
 
-def raises(exc_info: pytest.ExceptionInfo[ProvisioningError]) -> tuple[int, str]:
+ALL_TOPICS = _all_topics()
+
+
+def status_and_code(exc_info: pytest.ExceptionInfo[ProvisioningError]) -> tuple[int, str]:
     return exc_info.value.status_code, exc_info.value.error_code
 
 
@@ -292,7 +297,7 @@ def test_wrongly_typed_register_thing_fields_are_invalid_payload(
     assert p.NON_STRING_PARAMETERS is p.NonStringParameters.REJECT
     with pytest.raises(ProvisioningError) as exc_info:
         p.parse_request(Api.REGISTER_THING, p.encode(body, fmt), fmt)
-    assert raises(exc_info) == (400, "InvalidPayload")
+    assert status_and_code(exc_info) == (400, "InvalidPayload")
     assert TOKEN not in str(exc_info.value)
 
 
@@ -320,7 +325,7 @@ def test_csr_request_needs_a_csr_string(payload: bytes, expected: tuple[int, str
     # spec §1.3: certificateSigningRequest is a required string
     with pytest.raises(ProvisioningError) as exc_info:
         p.parse_request(Api.CREATE_CERTIFICATE_FROM_CSR, payload, "json")
-    assert raises(exc_info) == expected
+    assert status_and_code(exc_info) == expected
 
 
 # --------------------------------------------------------------------------- decoding
@@ -352,7 +357,7 @@ def test_malformed_payloads_are_invalid_payload(payload: bytes, fmt: str) -> Non
     # spec §1.5: malformed JSON/CBOR → 400 (errorCode InvalidPayload, the spec's suggestion)
     with pytest.raises(ProvisioningError) as exc_info:
         p.decode(payload, fmt)
-    assert raises(exc_info) == (400, "InvalidPayload")
+    assert status_and_code(exc_info) == (400, "InvalidPayload")
 
 
 def test_decode_errors_do_not_quote_the_payload() -> None:
@@ -443,7 +448,7 @@ def test_malformed_replies_are_invalid_payload(api: Api, suffix: p.Suffix,
                                                body: dict[str, Any]) -> None:
     with pytest.raises(ProvisioningError) as exc_info:
         p.parse_response(api, suffix, p.encode(body, "cbor"), "cbor")
-    assert raises(exc_info) == (400, "InvalidPayload")
+    assert status_and_code(exc_info) == (400, "InvalidPayload")
 
 
 def test_error_response_converts_to_and_from_provisioning_error() -> None:
@@ -474,8 +479,8 @@ def test_error_response_converts_to_and_from_provisioning_error() -> None:
         (p.throttled(Api.REGISTER_THING), 429, "ThrottlingException"),
         (p.internal_error(), 500, "InternalFailure"),
         (p.resource_conflict("Thing", "mything_1"), 409, "ResourceConflictsException"),
-        (p.invalid_parameters("SerialNumber has no value"), 400, "InvalidRequest"),
-        (p.template_evaluation_failed("Fn::Select index 3"), 400, "InvalidRequest"),
+        (p.invalid_parameters("SerialNumber has no value"), 400, "InvalidParameters"),
+        (p.template_evaluation_failed("Fn::Select index 3"), 400, "InvalidParameters"),
     ],
 )
 def test_error_catalogue(error: ProvisioningError, status: int, code: str) -> None:

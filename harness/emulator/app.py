@@ -151,7 +151,7 @@ class Emulator:
                 ca=self.ca,
                 clock=self.clock,
                 observations=self.observations,
-                hooks=hooks_mod.HookRunner(self.hook_targets, executor=self.executor),
+                hooks=hooks_mod.HookRunner(self.hook_targets),
                 executor=self.executor,
                 region=self.config.region,
                 account_id=self.config.account_id,

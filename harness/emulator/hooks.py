@@ -194,10 +194,10 @@ class PythonTarget:
 
     async def call(self, payload: dict[str, Any], executor: Executor) -> Any:
         loop = asyncio.get_running_loop()
-        # Importing reads files: off the loop like everything else that may block.
-        fn, with_context = await loop.run_in_executor(executor, self._load)
-        args = (payload, None) if with_context else (payload,)
         try:
+            # Importing reads files: off the loop like everything else that may block.
+            fn, with_context = await loop.run_in_executor(executor, self._load)
+            args = (payload, None) if with_context else (payload,)
             if inspect.iscoroutinefunction(fn):
                 return await fn(*args)
             result = await loop.run_in_executor(executor, partial(fn, *args))

@@ -63,6 +63,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
+from harness import protocol
 from harness.errors import AwsError, InvalidRequestException, ProvisioningError
 
 if TYPE_CHECKING:
@@ -108,8 +109,9 @@ UNDOCUMENTED_FUNCTIONS = frozenset({
 
 #: HTTP-like status of every template evaluation failure (spec §1.5: 400, codes UNCONFIRMED).
 EVALUATION_STATUS_CODE = 400
-#: errorCode when the request's parameters cannot satisfy the template (UNCONFIRMED).
-INVALID_PARAMETERS_ERROR_CODE = "InvalidParameters"
+#: errorCode when the request's parameters cannot satisfy the template: the protocol
+#: module's constant, so emulator and devices agree on it (UNCONFIRMED).
+INVALID_PARAMETERS_ERROR_CODE = protocol.INVALID_PARAMETERS_CODE
 #: errorCode when the stored body does not validate (cannot happen for validated bodies).
 INVALID_TEMPLATE_ERROR_CODE = "InvalidTemplate"
 
