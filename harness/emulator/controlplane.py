@@ -15,6 +15,8 @@ Backend contract
     walked and each member is looked up as ``getattr(obj, snake)``, ``obj[snake]`` or
     ``obj[wireName]``. Timestamps (datetime or number) become epoch seconds, Enums
     their ``.value``; None is omitted. Raise :class:`harness.errors.AwsError` kinds.
+    Paging (``nextToken``/``maxResults``, ``marker``/``pageSize``) is the backend's:
+    the model only types and range-checks the members (1-250).
 
 Errors (§5.2)
     An :class:`AwsError` becomes its status, ``x-amzn-ErrorType: <Code>:``,
@@ -72,13 +74,12 @@ import logging
 import re
 import threading
 import uuid
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence, Sized
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import Executor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import Enum
 from hashlib import sha256
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, unquote
 
 import botocore.session
@@ -100,10 +101,6 @@ log = logging.getLogger(__name__)
 
 #: Header carrying the plain API token (emulator-only; see module docstring).
 API_TOKEN_HEADER = "x-fleetbench-api-token"
-#: Prefix of the emulator-only admin routes; no AWS ``iot`` URI starts with it.
-ADMIN_PREFIX = "/_fleetbench/"
-
-T = TypeVar("T")
 
 
 # --------------------------------------------------------------------------- errors
@@ -311,20 +308,44 @@ def _render(value: Any) -> str:
     return str(value)
 
 
-def _constraints(shape: Shape) -> list[str]:
-    """All constraint texts of a shape, in AWS's order (for map/list element messages)."""
+_NUMERIC = ("integer", "long", "float", "double")
+
+Rule = tuple[str, Callable[[Any], bool]]
+
+
+def _rules(shape: Shape) -> list[Rule]:
+    """Each constraint of a shape: AWS's wording and a test the value passes.
+
+    Numbers are bounded by value, strings, lists and maps by length.
+    """
     meta = shape.metadata
-    out = []
-    kind = "value" if shape.type_name in ("integer", "long", "float", "double") else "length"
+    numeric = shape.type_name in _NUMERIC
+    unit = "value" if numeric else "length"
+
+    def measure(value: Any) -> float:
+        return value if numeric else len(value)
+
+    rules: list[Rule] = []
     if "max" in meta:
-        out.append(f"Member must have {kind} less than or equal to {meta['max']}")
+        rules.append((f"Member must have {unit} less than or equal to {meta['max']}",
+                      lambda v: measure(v) <= meta["max"]))
     if "min" in meta:
-        out.append(f"Member must have {kind} greater than or equal to {meta['min']}")
+        rules.append((f"Member must have {unit} greater than or equal to {meta['min']}",
+                      lambda v: measure(v) >= meta["min"]))
     if "pattern" in meta:
-        out.append(f"Member must satisfy regular expression pattern: {meta['pattern']}")
+        compiled = _compile_pattern(meta["pattern"])
+        if compiled is not None:
+            rules.append((f"Member must satisfy regular expression pattern: {meta['pattern']}",
+                          lambda v: compiled.fullmatch(v) is not None))
     if "enum" in meta:
-        out.append(f"Member must satisfy enum value set: [{', '.join(meta['enum'])}]")
-    return out
+        rules.append((f"Member must satisfy enum value set: [{', '.join(meta['enum'])}]",
+                      lambda v: v in meta["enum"]))
+    return rules
+
+
+def _all_of(shape: Shape) -> str:
+    """The bracketed constraint list AWS prints for list members, map keys and values."""
+    return "[" + ", ".join(text for text, _ in _rules(shape)) + "]"
 
 
 _JSON_TYPES: dict[str, tuple[type, ...]] = {
@@ -405,37 +426,19 @@ class _Validator:
         ):
             self.fail(shape, value, path, f"Member must be of type {kind}")
             return value
-        for problem in self._scalar_problems(shape, value):
-            self.fail(shape, value, path, problem)
+        self._check(shape, value, path)
         return value
 
-    def _scalar_problems(self, shape: Shape, value: Any) -> list[str]:
-        if isinstance(value, str):
-            problems = _bounds(shape, len(value), "length")
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            return _bounds(shape, value, "value")
-        else:
-            return []
-        meta = shape.metadata
-        if isinstance(value, str):
-            pattern = meta.get("pattern")
-            compiled = _compile_pattern(pattern) if pattern else None
-            if compiled is not None and compiled.fullmatch(value) is None:
-                problems.append(f"Member must satisfy regular expression pattern: {pattern}")
-            enum = meta.get("enum")
-            if enum and value not in enum:
-                problems.append(f"Member must satisfy enum value set: [{', '.join(enum)}]")
-        return problems
-
-    def _collection_size(self, shape: Shape, value: Sized, path: str) -> None:
-        for problem in _bounds(shape, len(value), "length"):
-            self.fail(shape, value, path, problem)
+    def _check(self, shape: Shape, value: Any, path: str) -> None:
+        for text, passes in _rules(shape):
+            if not passes(value):
+                self.fail(shape, value, path, text)
 
     def _list(self, shape: Any, value: Any, path: str) -> Any:
         if not isinstance(value, list):
             self.fail(shape, value, path, "Member must be a list")
             return value
-        self._collection_size(shape, value, path)
+        self._check(shape, value, path)
         member = shape.member
         if member.type_name in ("structure", "list", "map"):
             return [self.value(member, v, f"{path}.{i}.member") for i, v in enumerate(value, 1)]
@@ -443,20 +446,20 @@ class _Validator:
         out = [inner.value(member, v, path) for v in value]
         if inner.errors:
             self.fail(shape, value, path,
-                      f"Member must satisfy constraint: [{', '.join(_constraints(member))}]")
+                      f"Member must satisfy constraint: {_all_of(member)}")
         return out
 
     def _map(self, shape: Any, value: Any, path: str) -> Any:
         if not isinstance(value, dict):
             self.fail(shape, value, path, "Member must be a map")
             return value
-        self._collection_size(shape, value, path)
+        self._check(shape, value, path)
         keys = _Validator()
         for key in value:
             keys.value(shape.key, key, path)
         if keys.errors:
             self.fail(shape, value, path,
-                      f"Map keys must satisfy constraint: [{', '.join(_constraints(shape.key))}]")
+                      f"Map keys must satisfy constraint: {_all_of(shape.key)}")
         vshape = shape.value
         if vshape.type_name in ("structure", "list", "map"):
             return {k: self.value(vshape, v, f"{path}.{k}") for k, v in value.items()}
@@ -464,7 +467,7 @@ class _Validator:
         out = {k: values.value(vshape, v, path) for k, v in value.items()}
         if values.errors:
             self.fail(shape, value, path,
-                      f"Map value must satisfy constraint: [{', '.join(_constraints(vshape))}]")
+                      f"Map value must satisfy constraint: {_all_of(vshape)}")
         return out
 
     def _timestamp(self, shape: Shape, value: Any, path: str) -> Any:
@@ -492,32 +495,23 @@ class _Validator:
         return value
 
 
-def _bounds(shape: Shape, size: float, unit: str) -> list[str]:
-    """Violated ``min``/``max`` constraints (``unit``: length or value)."""
-    meta = shape.metadata
-    problems = []
-    if "max" in meta and size > meta["max"]:
-        problems.append(f"Member must have {unit} less than or equal to {meta['max']}")
-    if "min" in meta and size < meta["min"]:
-        problems.append(f"Member must have {unit} greater than or equal to {meta['min']}")
-    return problems
-
-
 def _epoch(value: dt.datetime) -> float:
     if value.tzinfo is None:
         value = value.replace(tzinfo=dt.timezone.utc)
     return value.timestamp()
 
 
-def _from_text(shape: Shape, text: str, path: str, validator: _Validator) -> Any:
-    """A URI label, query value or header value typed per its shape."""
+def _from_text(shape: Shape, text: str) -> Any:
+    """A URI label, query value or header value typed per its shape.
+
+    Text that does not parse is returned unchanged, for the validator to report
+    as a type violation.
+    """
     kind = shape.type_name
     try:
         if kind == "boolean":
             lowered = text.lower()
-            if lowered not in ("true", "false"):
-                raise ValueError(text)
-            return lowered == "true"
+            return lowered == "true" if lowered in ("true", "false") else text
         if kind in ("integer", "long"):
             return int(text)
         if kind in ("float", "double"):
@@ -525,13 +519,12 @@ def _from_text(shape: Shape, text: str, path: str, validator: _Validator) -> Any
         if kind == "timestamp":
             return _epoch(parse_timestamp(text))
         if kind == "list":
-            return [_from_text(shape.member, p.strip(), path, validator)  # type: ignore[attr-defined]
+            return [_from_text(shape.member, p.strip())  # type: ignore[attr-defined]
                     for p in text.split(",")]
         if kind == "string" and shape.serialization.get("jsonvalue"):
             return json.loads(base64.b64decode(text))
     except (ValueError, TypeError, OverflowError, binascii.Error):
-        validator.fail(shape, text, path, f"Member must be of type {kind}")
-        return None
+        return text
     return text
 
 
@@ -583,16 +576,16 @@ def parse_input(
         location = member.serialization.get("location")
         wire = member.serialization.get("name", name)
         if location == "uri" and wire in labels:
-            raw[name] = _from_text(member, labels[wire], name, validator)
+            raw[name] = _from_text(member, labels[wire])
         elif location == "querystring":
             values = [v for k, v in query if k == wire]
             if member.type_name == "list" and values:
-                raw[name] = [_from_text(member.member, v, name, validator)  # type: ignore[attr-defined]
+                raw[name] = [_from_text(member.member, v)  # type: ignore[attr-defined]
                              for v in values]
             elif values:
-                raw[name] = _from_text(member, values[0], name, validator)
+                raw[name] = _from_text(member, values[0])
         elif location == "header" and wire in headers:
-            raw[name] = _from_text(member, headers[wire], name, validator)
+            raw[name] = _from_text(member, headers[wire])
     params = validator.structure(shape, raw, "", top=True)
     validator.raise_if_failed()
     return params
@@ -687,68 +680,6 @@ def serialize_output(op: OperationModel, result: Any) -> SerializedOutput:
         return SerializedOutput(status, headers,
                                 json.dumps(_serialize(pshape, value) or {}).encode())
     return SerializedOutput(status, headers, json.dumps(_serialize(shape, result)).encode())
-
-
-# --------------------------------------------------------------------------- pagination
-
-
-def encode_token(position: Any) -> str:
-    """An opaque ``nextToken``/``nextMarker`` for a JSON-able position (e.g. the last key)."""
-    return base64.urlsafe_b64encode(json.dumps(position).encode()).decode("ascii")
-
-
-def decode_token(token: str) -> Any:
-    """The position inside a token; ``InvalidRequestException`` when it is not one of ours."""
-    try:
-        return _comparable(json.loads(base64.urlsafe_b64decode(token.encode("ascii"))))
-    except (ValueError, UnicodeError, binascii.Error):
-        raise InvalidRequestException("The pagination token is not valid.") from None
-
-
-def _comparable(position: Any) -> Any:
-    """Lists (as JSON returns them) and tuples (as keys are written) compare alike."""
-    if isinstance(position, (list, tuple)):
-        return tuple(_comparable(p) for p in position)
-    return position
-
-
-@dataclass(frozen=True)
-class Page(Generic[T]):
-    items: list[T]
-    next_token: str | None
-
-
-def paginate(
-    items: Sequence[T],
-    *,
-    key: Callable[[T], Any],
-    token: str | None,
-    limit: int | None,
-    default_limit: int = 50,
-    descending: bool = False,
-) -> Page[T]:
-    """One page of ``items`` (already sorted by ``key``) after ``token``.
-
-    The token records the last key returned, not an offset, so items created or
-    deleted between pages neither repeat nor shift the rest; no token comes back
-    once the last item was returned (spec §5.1, §7 item 21).
-    """
-    start = 0
-    if token:
-        after = decode_token(token)
-        try:
-            start = next(
-                (i for i, item in enumerate(items)
-                 if (_comparable(key(item)) < after if descending
-                     else _comparable(key(item)) > after)),
-                len(items),
-            )
-        except TypeError:
-            raise InvalidRequestException("The pagination token is not valid.") from None
-    size = limit or default_limit
-    chunk = list(items[start : start + size])
-    more = start + size < len(items)
-    return Page(chunk, encode_token(key(chunk[-1])) if more and chunk else None)
 
 
 # --------------------------------------------------------------------------- auth
@@ -980,7 +911,11 @@ class BackgroundServer:
     def start(self, timeout: float = 10.0) -> str:
         self._thread.start()
         future = asyncio.run_coroutine_threadsafe(self._start(), self._loop)
-        self.url = future.result(timeout)
+        try:
+            self.url = future.result(timeout)
+        except BaseException:
+            self.stop(timeout)
+            raise
         return self.url
 
     async def _start(self) -> str:
@@ -993,9 +928,11 @@ class BackgroundServer:
         return f"http://{host}:{port}"
 
     def stop(self, timeout: float = 10.0) -> None:
+        if self._loop.is_closed():
+            return
         if self._runner is not None:
-            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(timeout)
-            self._runner = None
+            runner, self._runner = self._runner, None
+            asyncio.run_coroutine_threadsafe(runner.cleanup(), self._loop).result(timeout)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout)
         self._loop.close()
@@ -1006,11 +943,3 @@ class BackgroundServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-@contextmanager
-def serve_in_thread(app: web.Application, host: str = "127.0.0.1",
-                    port: int = 0) -> Iterator[str]:
-    """Serve ``app`` for the duration of the block; yields its base URL."""
-    with BackgroundServer(app, host, port) as server:
-        yield server.url
