@@ -32,7 +32,8 @@ from harness.reporting.records import (
 
 T0 = 1_764_432_000.0  # 2025-11-29T16:00:00Z
 #: A planted ownership token (shape observed in spec §1.6: base64 of a JSON object).
-TOKEN = "eyJ2ZXJzaW9uIjoiMjAxOTEwMjMiLCJjaXBoZXIiOiJQbGFudGVkU2VjcmV0Q2lwaGVyVGV4dDEyMzQ1Njc4OTAifQ=="
+TOKEN = ("eyJ2ZXJzaW9uIjoiMjAxOTEwMjMiLCJjaXBoZXIiOiJQbGFudGVkU2VjcmV0Q2lwaGVy"
+         "VGV4dDEyMzQ1Njc4OTAifQ==")
 #: A planted token that appears in free text with no key name beside it.
 BARE_TOKEN = "bare-token-7f3a9c2e5b1d4e6f8a0b"
 PEM = private_key_pem(generate_ec_key())
@@ -115,13 +116,13 @@ def scenario_record(tmp: Path, *, run_id: str = "run-a", big_log_chars: int = 0,
         ))
     outcomes.append(ScenarioOutcome(
         nodeid="scenarios/test_claim.py::test_on_board[esp32-json]",
-        name="test_on_board[esp32-json]", outcome="skipped", flow="claim",
+        name="test_on_board[esp32-json]", outcome=Outcome.SKIPPED, flow="claim",
         device_kind="board", payload_format="json",
         skip_reason="no lab bench configured (--bench)"))
     outcomes.append(ScenarioOutcome(
         nodeid="scenarios/test_claim.py::test_hook_denies[virtual-json]",
         name="test_hook_denies[virtual-json]", outcome=Outcome.ERROR, duration=0.01,
-        flow="claim", device_kind="virtual", payload_format="json", cert_path="keys",
+        flow="claim", device_kind="virtual", payload_format="json", cert_path=CertPath.KEYS,
         longrepr="fixture 'hook_server' failed: address already in use"))
     outcomes.append(ScenarioOutcome(
         nodeid="scenarios/test_control_plane.py::test_list_templates",
@@ -163,7 +164,7 @@ def load_record(*, run_id: str = "load-a", rate: float = 150.0, p99: float = 40.
         for api in apis
     )
     return RunRecord(
-        run_id=run_id, kind="load", endpoint_kind="emulator", region="us-east-1",
+        run_id=run_id, kind=RunKind.LOAD, endpoint_kind="emulator", region="us-east-1",
         account=None, versions={"locust": "2.31"}, started_at=T0, finished_at=T0 + 60,
         command_line=("fleetbench", "load", "--users", "300"),
         outcomes=(ScenarioOutcome(nodeid="loadtests/locustfile.py::p99_under_budget",

@@ -57,6 +57,7 @@ _ERROR_COUNTER = (
 _RENDER_OK = (
     "(function(){var d=document.documentElement;"
     "d.setAttribute('data-charts',String(document.querySelectorAll('svg.chart').length));"
+    "document.querySelectorAll('pre.log').forEach(function(p){p.scrollTop=p.scrollHeight;});"
     "d.setAttribute('data-render-ok','1');})();"
 )
 
@@ -88,6 +89,7 @@ table.trace{table-layout:fixed;width:100%}
 table.trace th:nth-child(1){width:28%}table.trace th:nth-child(2),
 table.trace th:nth-child(3){width:12%}table.trace th:nth-child(4){width:6%}
 table.trace td{word-break:break-all}
+table.trace td.num{white-space:nowrap;word-break:normal}
 .badge{display:inline-block;border-radius:10px;padding:0 8px;font-size:12px;color:#fff;
 font-weight:600}
 .badge.passed{background:var(--ok)}.badge.failed{background:var(--bad)}
@@ -139,6 +141,20 @@ def _ms(value: float | None) -> str:
 def slug(text: str) -> str:
     """An id-safe form of ``text`` for anchors and chart ids."""
     return re.sub(r"[^A-Za-z0-9_-]+", "-", text).strip("-") or "x"
+
+
+def anchors(names: Iterable[str]) -> dict[str, str]:
+    """A distinct id-safe slug per name (``a/b`` and ``a:b`` both slug to ``a-b``)."""
+    out: dict[str, str] = {}
+    used: set[str] = set()
+    for name in names:
+        base = candidate = slug(name)
+        n = 2
+        while candidate in used:
+            candidate, n = f"{base}-{n}", n + 1
+        used.add(candidate)
+        out[name] = candidate
+    return out
 
 
 def _json(value: Any) -> str:
@@ -239,14 +255,14 @@ def _log_block(device: DeviceRecord) -> str:
     return f'<pre class="log">{_e(device.log_excerpt)}</pre>{link}'
 
 
-def _device_timeline(device: DeviceRecord) -> str:
+def _device_timeline(device: DeviceRecord, anchor: str) -> str:
     t0 = device.trace[0].at if device.trace else 0.0
     spans = [svg.Span(step.name, step.at - t0, step.duration, step.ok) for step in device.trace]
-    return svg.timeline(f"timeline-{slug(device.device_id)}",
+    return svg.timeline(f"timeline-{anchor}",
                         f"{device.device_id} ({device.kind})", spans)
 
 
-def _failing(record: RunRecord) -> str:
+def _failing(record: RunRecord, ids: dict[str, str]) -> str:
     failing = [o for o in _sorted_outcomes(record.outcomes) if o.outcome.failing]
     if not failing:
         return ""
@@ -273,7 +289,7 @@ def _failing(record: RunRecord) -> str:
                 continue
             evidence.append(
                 f'<div class="evidence"><div><h4>Observed trace: '
-                f'<a href="#device-{slug(device_id)}">{_e(device_id)}</a> ({_e(device.kind)})</h4>'
+                f'<a href="#device-{ids[device_id]}">{_e(device_id)}</a> ({_e(device.kind)})</h4>'
                 f"{_trace_table(device)}</div>"
                 f"<div><h4>Device log</h4>{_log_block(device)}</div></div>"
             )
@@ -310,10 +326,11 @@ def _load(load: LoadSummary) -> str:
          for name, color in zip(("p50", "p95", "p99"), svg.SERIES_COLORS, strict=False)],
         x_label="seconds since start", y_label="ms")
     hists = []
+    hist_ids = anchors(h.api for h in load.histograms)
     for h in load.histograms:
         bars = [svg.Bar(f"{svg.fmt_num(b.low)}–{svg.fmt_num(b.high)}" if b.high is not None
                         else f"≥{svg.fmt_num(b.low)}", b.count) for b in h.buckets]
-        hists.append(svg.bar_chart(f"chart-hist-{slug(h.api)}", f"{h.api} latency", bars,
+        hists.append(svg.bar_chart(f"chart-hist-{hist_ids[h.api]}", f"{h.api} latency", bars,
                                    x_label="ms", y_label="requests"))
     return (
         f'<section id="load"><h2>Load</h2>{settings}<h4>Per step</h4>{steps}'
@@ -322,7 +339,7 @@ def _load(load: LoadSummary) -> str:
     )
 
 
-def _devices(record: RunRecord) -> str:
+def _devices(record: RunRecord, ids: dict[str, str]) -> str:
     if not record.devices:
         return ""
     cards = []
@@ -330,9 +347,9 @@ def _devices(record: RunRecord) -> str:
         facts = " · ".join(f"{k}: {_or_none(v)}" for k, v in (
             ("kind", d.kind), ("thing", d.thing_name), ("certificate", d.certificate_id)))
         cards.append(
-            f'<article class="device" id="device-{slug(d.device_id)}">'
+            f'<article class="device" id="device-{ids[d.device_id]}">'
             f"<h3>{_e(d.device_id)}</h3><div class=\"coords\">{facts}</div>"
-            f'<div class="evidence"><div>{_device_timeline(d)}</div><div>'
+            f'<div class="evidence"><div>{_device_timeline(d, ids[d.device_id])}</div><div>'
             f"<details><summary>Trace</summary>{_trace_table(d)}</details>"
             f"<details><summary>Inputs</summary><pre>{_e(_json(dict(d.inputs)))}</pre></details>"
             f"<details><summary>Registry state</summary>"
@@ -377,13 +394,14 @@ def page(title: str, body: str) -> str:
 def render_html(record: RunRecord) -> str:
     """The report page of a run (secrets masked)."""
     record = record.redacted()
+    ids = anchors(d.device_id for d in record.devices)
     body = (
         _header(record)
         + "<main>"
         + _summary(record)
-        + _failing(record)
+        + _failing(record, ids)
         + (_load(record.load) if record.load is not None else "")
-        + _devices(record)
+        + _devices(record, ids)
         + _all_outcomes(record)
         + "</main>"
         + f"<footer>fleetbench report · results.json schema {SCHEMA_VERSION} · "

@@ -23,6 +23,7 @@ Three rules, applied together:
 from __future__ import annotations
 
 import re
+import string
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -39,8 +40,9 @@ SECRET_KEY_SUFFIXES: tuple[str, ...] = (
     "passphrase",
     "claimkey",
 )
-#: Normalised key names that are secret as a whole.
-SECRET_KEY_NAMES: frozenset[str] = frozenset({"key", "secret", "keypem", "authorization"})
+#: Normalised key names that are secret as a whole. (Not plain ``key``: AWS tags are
+#: ``{"Key": ..., "Value": ...}`` and belong in reports.)
+SECRET_KEY_NAMES: frozenset[str] = frozenset({"secret", "keypem", "authorization"})
 
 _PEM_LABEL = r"-----(?:BEGIN|END) [A-Z0-9 ]*PRIVATE KEY-----"
 _PEM_BLOCK = re.compile(
@@ -48,13 +50,19 @@ _PEM_BLOCK = re.compile(
 )
 # A block whose END was cut off (truncated log): redact to the end of the text.
 _PEM_HEAD = re.compile(r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----.*\Z", re.DOTALL)
-# A block whose BEGIN was cut off: the base64 body (plain or with \n escapes) before an END.
-_PEM_TAIL = re.compile(
-    r"(?:[A-Za-z0-9+/=]+(?:\\n|\r?\n))*[A-Za-z0-9+/=]*-----END [A-Z0-9 ]*PRIVATE KEY-----"
-)
+# The END line of a block whose BEGIN was cut off; the base64 body before it is found by
+# walking back (a regex anchored at every position would be quadratic on long logs).
+_PEM_END = re.compile(r"-----END [A-Z0-9 ]*PRIVATE KEY-----")
+_BASE64 = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=\r\n")
+# A secret-named key (matched by its ending, so ``nextToken`` and ``aws_secret_access_key``
+# count) followed by ``:`` or ``=`` and its value: quoted, already masked, or a bare word.
+# Candidates are found case-sensitively in an ASCII-lower-cased copy (6x faster on long
+# logs than an IGNORECASE scan; the copy keeps every offset), then matched in the text.
+_SECRET_WORDS = r"(?:token|private_?key|secret_?(?:access_?)?key|password|passphrase|claim_?key)"
+_KEY_CANDIDATE = re.compile(_SECRET_WORDS)
+_ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
 _KEY_IN_TEXT = re.compile(
-    r"""(?P<key>["']?\b[A-Za-z0-9_]*?(?:token|private_?key|secret_?(?:access_?)?key|password"""
-    r"""|passphrase|claim_?key)["']?\s*[:=]\s*)"""
+    rf"""(?P<key>{_SECRET_WORDS}["']?\s*[:=]\s*)"""
     r"""(?P<value>\[REDACTED(?: PRIVATE KEY)?\]"""
     r"""|"(?:[^"\\\n]|\\.)*"|'(?:[^'\\\n]|\\.)*'|[^\s,;&}\])]+)""",
     re.IGNORECASE,
@@ -81,8 +89,46 @@ def redact_text(text: str, secrets: Iterable[str] = ()) -> str:
         text = _PEM_BLOCK.sub(PEM_MARKER, text)
         text = _PEM_HEAD.sub(PEM_MARKER, text)
         if "-----END" in text:
-            text = _PEM_TAIL.sub(PEM_MARKER, text)
-    return _KEY_IN_TEXT.sub(_mask_value, text)
+            text = _mask_orphan_ends(text)
+    return _mask_keyed_values(text)
+
+
+def _mask_keyed_values(text: str) -> str:
+    """Mask the value after each secret-named key in ``key=value`` / ``"key": "value"`` text."""
+    lowered = text.translate(_ASCII_LOWER)
+    out: list[str] = []
+    pos = 0
+    for candidate in _KEY_CANDIDATE.finditer(lowered):
+        if candidate.start() < pos:
+            continue
+        match = _KEY_IN_TEXT.match(text, candidate.start())
+        if match is None:
+            continue
+        out += [text[pos:match.start()], _mask_value(match)]
+        pos = match.end()
+    if not out:
+        return text
+    out.append(text[pos:])
+    return "".join(out)
+
+
+def _mask_orphan_ends(text: str) -> str:
+    """Mask each ``-----END ... PRIVATE KEY-----`` with the base64 lines before it."""
+    out: list[str] = []
+    pos = 0
+    for match in _PEM_END.finditer(text):
+        start = match.start()
+        while start > pos:
+            if start - 2 >= pos and text[start - 2:start] == "\\n":
+                start -= 2
+            elif text[start - 1] in _BASE64:
+                start -= 1
+            else:
+                break
+        out += [text[pos:start], PEM_MARKER]
+        pos = match.end()
+    out.append(text[pos:])
+    return "".join(out)
 
 
 def redact(value: Any, secrets: Iterable[str] = ()) -> Any:

@@ -23,6 +23,7 @@ from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
 
+from harness.reporting.compare import compare_runs, render_compare_html, render_compare_text
 from harness.reporting.html import render_html
 from harness.reporting.junit import render_junit
 from harness.reporting.records import DeviceRecord, RunRecord
@@ -203,8 +204,6 @@ def rerender(run_dir: Path | str) -> Path:
 
 def compare(a_dir: Path | str, b_dir: Path | str, *, fmt: str = "text") -> str:
     """Two runs side by side (``fmt`` ``"text"`` or ``"html"``): B is the newer run."""
-    from harness.reporting.compare import compare_runs, render_compare_html, render_compare_text
-
     comparison = compare_runs(load_run(a_dir), load_run(b_dir))
     if fmt == "html":
         return render_compare_html(comparison)
