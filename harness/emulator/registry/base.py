@@ -19,7 +19,7 @@ import inspect
 import logging
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
@@ -29,18 +29,20 @@ from harness.clock import Clock
 from harness.emulator.registry import codec
 from harness.emulator.registry.events import RegistryEvent, RegistryEventKind
 from harness.emulator.registry.records import (
+    BillingGroup,
     Certificate,
     CertificateMode,
     Policy,
+    Tag,
     Thing,
     ThingGroup,
 )
 from harness.emulator.registry.schema import Tables
 from harness.emulator.registry.settings import RegistrySettings
 from harness.emulator.registry.store import Store
-from harness.emulator.registry.tables import Overlay, View
+from harness.emulator.registry.tables import K, Overlay, Table, V, View
 from harness.emulator.registry.validation import input_members, validate_input
-from harness.errors import InvalidRequestException, ResourceNotFoundException
+from harness.errors import ResourceNotFoundException, VersionConflictException
 
 log = logging.getLogger("fleetbench.registry")
 
@@ -49,6 +51,11 @@ R = TypeVar("R")
 C = TypeVar("C", bound="RegistryCore")
 
 Listener = Callable[[RegistryEvent], None]
+
+
+def tags_of(tags: Sequence[Mapping[str, Any]] | None) -> tuple[Tag, ...]:
+    """Wire ``tags`` (``[{"Key": ..., "Value": ...}]``) as records."""
+    return tuple(Tag(t["Key"], t.get("Value")) for t in tags or ())
 
 
 class TxView(View):
@@ -283,30 +290,40 @@ class RegistryCore:
         prefix = f"{self.arn_prefix}{kind}/"
         return arn[len(prefix):] if arn.startswith(prefix) else None
 
+    @staticmethod
+    def _require(view: View, table: Table[K, V], key: K, message: str) -> V:
+        """The record under ``key``, or ResourceNotFoundException(``message``)."""
+        record = view.get(table, key)
+        if record is None:
+            raise ResourceNotFoundException(message)
+        return record
+
     def _require_certificate(self, view: View, certificate_id: str) -> Certificate:
-        cert = view.get(self._t.certificates, certificate_id.lower())
-        if cert is None:
-            raise ResourceNotFoundException(
-                f"The certificate {certificate_id} does not exist in your account")
-        return cert
+        return self._require(view, self._t.certificates, certificate_id.lower(),
+                             f"The certificate {certificate_id} does not exist in your account")
+
+    @staticmethod
+    def _check_version(kind: str, name: str, version: int, expected: int | None) -> None:
+        """``expectedVersion`` must match the record's version when given."""
+        if expected is not None and expected != version:
+            raise VersionConflictException(
+                f"The version for {kind} {name} does not match the expected version.")
 
     def _require_thing(self, view: View, thing_name: str) -> Thing:
-        thing = view.get(self._t.things, thing_name)
-        if thing is None:
-            raise ResourceNotFoundException(f"Thing {thing_name} cannot be found.")
-        return thing
+        return self._require(view, self._t.things, thing_name,
+                             f"Thing {thing_name} cannot be found.")
 
     def _require_group(self, view: View, name: str) -> ThingGroup:
-        group = view.get(self._t.thing_groups, name)
-        if group is None:
-            raise ResourceNotFoundException(f"Thing group {name} cannot be found.")
-        return group
+        return self._require(view, self._t.thing_groups, name,
+                             f"Thing group {name} cannot be found.")
+
+    def _require_billing_group(self, view: View, name: str) -> BillingGroup:
+        return self._require(view, self._t.billing_groups, name,
+                             f"Billing group {name} cannot be found.")
 
     def _require_policy(self, view: View, policy_name: str) -> Policy:
-        policy = view.get(self._t.policies, policy_name)
-        if policy is None:
-            raise ResourceNotFoundException(f"Policy {policy_name} does not exist.")
-        return policy
+        return self._require(view, self._t.policies, policy_name,
+                             f"Policy {policy_name} does not exist.")
 
     def _ancestors(self, view: View, group: ThingGroup) -> list[ThingGroup]:
         """``group``'s ancestors, root first."""
@@ -345,7 +362,3 @@ class RegistryCore:
             return None
         version = view.get(self._t.policy_versions, (policy_name, policy.default_version_id))
         return version.policy_document if version is not None else None
-
-    @staticmethod
-    def _invalid(message: str) -> InvalidRequestException:
-        return InvalidRequestException(message)

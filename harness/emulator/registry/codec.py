@@ -15,13 +15,18 @@ from collections.abc import Callable, Mapping
 from enum import Enum
 from typing import Any
 
+_PLAIN = frozenset({str, int, float, bool})
+
 
 def to_plain(value: Any) -> Any:
     """A JSON-ready copy of ``value`` (dataclasses become dicts, enums their values)."""
+    if value is None or type(value) in _PLAIN:
+        return value
     if isinstance(value, Enum):
         return value.value
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    names = _field_names(type(value))
+    if names:
+        return {name: to_plain(getattr(value, name)) for name in names}
     if isinstance(value, Mapping):
         return {str(k): to_plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -29,8 +34,20 @@ def to_plain(value: Any) -> Any:
     return value
 
 
+_FIELDS: dict[type, tuple[str, ...]] = {}
+
+
+def _field_names(cls: type) -> tuple[str, ...]:
+    """Field names of a dataclass type, () for anything else (cached per type)."""
+    names = _FIELDS.get(cls)
+    if names is None:
+        names = _FIELDS[cls] = (tuple(f.name for f in dataclasses.fields(cls))
+                                if dataclasses.is_dataclass(cls) else ())
+    return names
+
+
 def encode(record: Any) -> str:
-    return json.dumps(to_plain(record), separators=(",", ":"), sort_keys=True)
+    return json.dumps(to_plain(record), separators=(",", ":"))
 
 
 def decode(cls: type, text: str) -> Any:

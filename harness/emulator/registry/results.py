@@ -16,11 +16,11 @@ from harness.emulator.registry.records import (
     ProvisioningHook,
     ProvisioningTemplate,
     RegistrationConfig,
+    TemplateType,
     Thing,
     ThingGroupProperties,
     ThingPrincipal,
     ThingType,
-    TemplateType,
 )
 
 # -- certificates ------------------------------------------------------------------------------

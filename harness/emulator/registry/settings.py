@@ -12,9 +12,11 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class RegistrySettings:
-    #: SQLite ``synchronous`` in WAL mode. FULL syncs the WAL on every commit (survives
-    #: power loss; ~0.4 ms per commit measured here). NORMAL survives a killed emulator
-    #: (the WAL is in the OS page cache) but not a power cut.
+    #: SQLite ``synchronous`` in WAL mode. FULL fsyncs the WAL on every commit: survives a
+    #: power cut, costs one fsync per commit (0.4 ms on an idle disk, 3-5 ms measured on a
+    #: busy shared one, so it caps a single writer at a few hundred commits per second).
+    #: NORMAL survives a killed emulator (the WAL is in the OS page cache; the SIGKILL test
+    #: checks it) but not a power cut: the choice for load runs.
     synchronous: str = "FULL"
 
     # spec broker §3.1

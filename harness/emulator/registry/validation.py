@@ -160,11 +160,14 @@ def _constraint_list(shape: Shape) -> str:
 
 
 def _check(shape: Shape, value: Any, path: str, errors: list[str]) -> None:
-    prefix = f"Value '{_show(value)}' at '{path}' failed to satisfy constraint: "
+    def fail(problem: str) -> None:
+        errors.append(f"Value '{_show(value)}' at '{path}' failed to satisfy constraint: "
+                      + problem)
+
     kind = shape.type_name
     if kind == "structure":
         if not isinstance(value, Mapping):
-            errors.append(prefix + "Member must be a structure")
+            fail("Member must be a structure")
             return
         for name, member in shape.members.items():
             sub = value.get(name)
@@ -177,33 +180,31 @@ def _check(shape: Shape, value: Any, path: str, errors: list[str]) -> None:
         return
     if kind == "list":
         if not isinstance(value, (list, tuple)):
-            errors.append(prefix + "Member must be a list")
+            fail("Member must be a list")
             return
         meta = shape.metadata
         if "max" in meta and len(value) > meta["max"]:
-            errors.append(prefix + f"Member must have length less than or equal to {meta['max']}")
+            fail(f"Member must have length less than or equal to {meta['max']}")
         if "min" in meta and len(value) < meta["min"]:
-            errors.append(prefix
-                          + f"Member must have length greater than or equal to {meta['min']}")
+            fail(f"Member must have length greater than or equal to {meta['min']}")
         element = shape.member
         if element.type_name == "structure":
             for i, item in enumerate(value):
                 _check(element, item, f"{path}.{i + 1}.member", errors)
         elif any(_scalar_problems(element, item) for item in value):
-            errors.append(prefix + "Member must satisfy constraint: " + _constraint_list(element))
+            fail("Member must satisfy constraint: " + _constraint_list(element))
         return
     if kind == "map":
         if not isinstance(value, Mapping):
-            errors.append(prefix + "Member must be a map")
+            fail("Member must be a map")
             return
         if any(_scalar_problems(shape.key, k) for k in value):
-            errors.append(prefix + "Map keys must satisfy constraint: "
-                          + _constraint_list(shape.key))
+            fail("Map keys must satisfy constraint: " + _constraint_list(shape.key))
         if shape.value.type_name in ("structure", "list", "map"):
             for k, v in value.items():
                 _check(shape.value, v, f"{path}.{k}", errors)
         elif any(_scalar_problems(shape.value, v) for v in value.values()):
-            errors.append(prefix + "Map value must satisfy constraint: "
-                          + _constraint_list(shape.value))
+            fail("Map value must satisfy constraint: " + _constraint_list(shape.value))
         return
-    errors.extend(prefix + problem for problem in _scalar_problems(shape, value))
+    for problem in _scalar_problems(shape, value):
+        fail(problem)
