@@ -47,6 +47,9 @@ def add_emulator_parser(sub: argparse._SubParsersAction) -> None:  # type: ignor
     p.add_argument("--explain-refusals", action="store_true",
                    help="answer a refused CONNECT with a CONNACK reason code instead of AWS's "
                         "silent close (emulator-only aid for firmware developers)")
+    p.add_argument("--durability", choices=("normal", "full"), default="normal",
+                   help="normal: acknowledged writes survive a killed emulator; full: also a "
+                        "power cut (one fsync per commit)")
     p.add_argument("--log-level", default="INFO")
 
 
@@ -69,6 +72,7 @@ def run_emulator(args: argparse.Namespace) -> int:
         hooks=dict(args.hook),
         api_token=args.api_token,
         broker_overrides=overrides,
+        durability=args.durability,
     )
 
     async def main() -> None:
