@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import json
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+log = logging.getLogger("fleetbench.cli")
 
 
 def _parse_hook(spec: str) -> tuple[str, str]:
@@ -97,43 +100,49 @@ def run_emulator(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def build_parser() -> argparse.ArgumentParser:
+#: Subcommands: name -> (module, parser-adding function, runner). Each module owns its command;
+#: modules are imported only when the command line is built, so a missing optional extra
+#: (Locust, labgrid) disables its command instead of breaking the others.
+SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
+    "emulator": ("harness.cli", "add_emulator_parser", "run_emulator"),
+    "run": ("harness.run_cli", "add_run_parser", "run_run"),
+    "provision": ("harness.provision_cli", "add_provision_parser", "run_provision"),
+    "load": ("harness.load_cli", "add_load_parser", "run_load"),
+    "report": ("harness.reporting.cli", "add_report_parser", "run_report"),
+    "cleanup": ("harness.cleanup_cli", "add_cleanup_parser", "run_cleanup"),
+}
+
+
+Runner = Callable[[argparse.Namespace], int]
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Runner]]:
     parser = argparse.ArgumentParser(
         prog="fleetbench",
         description="End-to-end test harness for AWS IoT fleet provisioning.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    add_emulator_parser(sub)
-    try:
-        from harness.reporting.cli import add_report_parser
-    except ImportError:
-        pass
-    else:
-        add_report_parser(sub)
-    return parser
-
-
-RUNNERS = {
-    "emulator": run_emulator,
-}
+    runners: dict[str, Runner] = {}
+    for name, (module_name, add_name, run_name) in SUBCOMMANDS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            log.debug("command %s unavailable: %s", name, exc)
+            continue
+        getattr(module, add_name)(sub)
+        runners[name] = getattr(module, run_name)
+    return parser, runners
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    parser, runners = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=getattr(logging, str(getattr(args, "log_level", "WARNING")).upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
-    runner = RUNNERS.get(args.command)
-    if runner is None and args.command == "report":
-        from harness.reporting.cli import run_report
-
-        runner = run_report
-    if runner is None:
-        parser.error(f"unknown command {args.command}")
     try:
-        return runner(args)
+        return runners[args.command](args)
     except KeyboardInterrupt:
         return EXIT_FAILED
 
