@@ -302,6 +302,21 @@ def invalid_parameters(reason: str) -> ProvisioningError:
     )
 
 
+def claim_window_passed() -> ProvisioningError:
+    """A trusted-user claim connection older than five minutes (§2.2; UNCONFIRMED form)."""
+    return ProvisioningError(
+        STATUS_FORBIDDEN, ACCESS_DENIED_CODE,
+        "The provisioning claim's five minutes after connecting have passed.")
+
+
+def hook_unmapped(target_arn: str) -> ProvisioningError:
+    """The template's hook ARN maps to no local target (emulator-only, said plainly)."""
+    return ProvisioningError(
+        STATUS_FORBIDDEN, ACCESS_DENIED_CODE,
+        f"Pre-provisioning hook {target_arn} is not mapped to a target in this emulator "
+        "(map it with --hook ARN=TARGET or PUT /_fleetbench/hooks).")
+
+
 def template_evaluation_failed(reason: str) -> ProvisioningError:
     """Any other provision-time template error: ``Fn::Select`` out of range, missing
     map key, thing group or type that does not exist (§3.7)."""

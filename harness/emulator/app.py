@@ -51,6 +51,8 @@ class EmulatorConfig:
     #: SQLite ``synchronous`` for the registry: "NORMAL" (default) keeps every acknowledged
     #: write across a killed emulator; "FULL" also across a power cut, at one fsync a commit.
     durability: str = "NORMAL"
+    #: Seconds a pre-provisioning hook may take (AWS's Lambda limit is 5 s, spec fleet §4).
+    hook_timeout: float = 5.0
 
 
 def _server_names(config: EmulatorConfig) -> list[str]:
@@ -115,6 +117,7 @@ class Emulator:
         from harness.emulator.broker_settings import BrokerSettings
         from harness.emulator.mqtt.server import Broker
         from harness.emulator.policy import parse_policy
+        from harness.emulator.provisioning import ProvisioningService
         from harness.emulator.registry import Registry
         from harness.emulator.registry.settings import RegistrySettings
         from harness.emulator.templates import validate_template_body
@@ -145,24 +148,20 @@ class Emulator:
         self.hook_targets = hooks_mod.HookTargets()
         for arn, target in self.config.hooks.items():
             self.hook_targets.set(arn, target)
-        try:
-            from harness.emulator.provisioning import ProvisioningService
-        except ImportError:  # part 2 not present in this build
-            self.provisioning = None
-        else:
-            self.provisioning = ProvisioningService(
-                registry=self.registry,
-                broker=self.broker,
-                ca=self.ca,
-                clock=self.clock,
-                observations=self.observations,
-                hooks=hooks_mod.HookRunner(self.hook_targets),
-                executor=self.executor,
-                region=self.config.region,
-                account_id=self.config.account_id,
-                key_pool_size=self.config.key_pool_size,
-                key_pool_workers=self.config.key_pool_workers,
-            )
+        self.provisioning = ProvisioningService(
+            registry=self.registry,
+            broker=self.broker,
+            ca=self.ca,
+            clock=self.clock,
+            observations=self.observations,
+            hooks=hooks_mod.HookRunner(self.hook_targets, timeout=self.config.hook_timeout),
+            executor=self.executor,
+            region=self.config.region,
+            account_id=self.config.account_id,
+            key_pool_size=self.config.key_pool_size,
+            key_pool_workers=self.config.key_pool_workers,
+            data_dir=self.data_dir,
+        )
 
     def backend(self) -> Any:
         """The object the control plane dispatches operations to."""
@@ -179,8 +178,7 @@ class Emulator:
 
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self.executor, self._build)
-        if self.provisioning is not None:
-            await self.provisioning.start()
+        await self.provisioning.start()
         mqtt_port = await self.broker.start(self.config.host, self.config.mqtt_port)
         admin = AdminState(
             observations=self.observations,
