@@ -15,7 +15,6 @@ rebuild happens lazily on the next check of each connection.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
@@ -26,6 +25,7 @@ from typing import Any, Protocol
 
 from cryptography import x509
 
+from harness import pki
 from harness.emulator.broker_settings import BrokerSettings
 from harness.emulator.policy import Authorizer, ConnectionContext, PolicyDocument, parse_policy
 
@@ -202,11 +202,13 @@ class Authentication:
             self._certificates.move_to_end(certificate_id)
         return cert
 
-    def authenticate(self, der: bytes | None, sni: str | None, now: float) -> Admission:
-        """Spec §2.3, §1.2: the principal of a TLS peer presenting ``der``."""
+    def authenticate(self, der: bytes | None, sni: str | None, now: float, *,
+                     certificate_id: str | None = None) -> Admission:
+        """Spec §2.3, §1.2: the principal of a TLS peer presenting ``der`` (whose id the
+        caller may already know)."""
         if not der:
             return Admission(None, refusal=Refusal.NO_CERTIFICATE)
-        certificate_id = hashlib.sha256(der).hexdigest()
+        certificate_id = certificate_id or pki.certificate_id(der)
         if sni is not None and self.settings.sni_host_names \
                 and sni not in self.settings.sni_host_names:
             return Admission(certificate_id, refusal=Refusal.SNI_MISMATCH, detail=sni)

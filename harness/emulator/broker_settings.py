@@ -97,7 +97,7 @@ class BrokerSettings:
         False, "§1.9", "off = AWS: a refused 3.1.1 CONNECT is closed without CONNACK; on = "
         "emulator aid: it gets a CONNACK return code saying why (5 not authorized, 2 identifier "
         "rejected, 1 unacceptable version, 3 throttled)")
-    refuse_certificates_at: RefusalPoint = _guess(
+    refuse_certificates_at: RefusalPoint = _guess(  # noqa: RUF009
         RefusalPoint.CONNECT, "§2.3", "an unregistered, INACTIVE or REVOKED certificate that "
         "chains to a trust anchor completes the TLS handshake and is refused at CONNECT "
         "('handshake' closes right after the handshake; Python's ssl cannot fail the handshake "
@@ -154,10 +154,10 @@ class BrokerSettings:
     # -- QoS 2 -----------------------------------------------------------------------------------
     qos2_publish_reason_code: int = _guess(
         0x9B, "§1.4", "MQTT 5 PUBLISH with QoS 2 → DISCONNECT with this code (3.1.1: close)")
-    subscribe_qos2_311: Qos2Subscribe = _guess(
+    subscribe_qos2_311: Qos2Subscribe = _guess(  # noqa: RUF009
         Qos2Subscribe.DISCONNECT, "§1.4", "3.1.1 SUBSCRIBE asking QoS 2: no SUBACK, connection "
         "closed")
-    subscribe_qos2_5: Qos2Subscribe = _guess(
+    subscribe_qos2_5: Qos2Subscribe = _guess(  # noqa: RUF009
         Qos2Subscribe.DOWNGRADE, "§1.4", "MQTT 5 SUBSCRIBE asking QoS 2: SUBACK grants QoS 1")
 
     # -- authorization outcomes -----------------------------------------------------------------
@@ -171,8 +171,12 @@ class BrokerSettings:
     reserved_topic_misuse_denied: bool = _guess(
         True, "§1.5", "PUBLISH to $aws/events/... or with RETAIN to a $-topic is handled as an "
         "unauthorized PUBLISH")
+    shared_subscribe_checks_full_filter: bool = _guess(
+        True, "§3.2", "iot:Subscribe for a shared subscription is checked on the full "
+        "$share/<group>/<filter> string (off: on the filter after the prefix)")
     send_no_matching_subscribers: bool = _guess(
-        False, "§1.7", "PUBACK 0x10 'No matching subscribers' is never sent")
+        False, "§1.7", "PUBACK 0x10 'No matching subscribers' is never sent (on: MQTT 5 QoS 1 "
+        "PUBLISHes nobody subscribes to get it)")
 
     # -- limit violations -------------------------------------------------------------------------
     invalid_topic_disconnects_311: bool = _guess(

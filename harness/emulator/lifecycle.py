@@ -50,6 +50,13 @@ def emits_events(client_id: str) -> bool:
     return "+" not in client_id and "#" not in client_id
 
 
+def event_topic(event_type: str, client_id: str) -> str:
+    """The topic of an event (§4.1): presence events and subscription events."""
+    if event_type in ("subscribed", "unsubscribed"):
+        return f"{SUBSCRIPTIONS_PREFIX}{event_type}/{client_id}"
+    return f"{PRESENCE_PREFIX}{event_type}/{client_id}"
+
+
 @dataclass(frozen=True)
 class LifecycleEvent:
     """One event to publish: its topic and its JSON payload (wire names)."""
@@ -80,7 +87,7 @@ def connected(client_id: str, *, timestamp_ms: int, session_identifier: str,
     payload["versionNumber"] = version_number
     if thing_name is not None:
         payload["thingName"] = thing_name
-    return LifecycleEvent(f"{PRESENCE_PREFIX}connected/{client_id}", payload)
+    return LifecycleEvent(event_topic("connected", client_id), payload)
 
 
 def disconnected(client_id: str, *, timestamp_ms: int, session_identifier: str,
@@ -93,7 +100,7 @@ def disconnected(client_id: str, *, timestamp_ms: int, session_identifier: str,
     payload["versionNumber"] = version_number
     if thing_name is not None:
         payload["thingName"] = thing_name
-    return LifecycleEvent(f"{PRESENCE_PREFIX}disconnected/{client_id}", payload)
+    return LifecycleEvent(event_topic("disconnected", client_id), payload)
 
 
 def connect_failed(client_id: str, *, timestamp_ms: int, session_identifier: str,
@@ -105,7 +112,7 @@ def connect_failed(client_id: str, *, timestamp_ms: int, session_identifier: str
     payload["ipAddress"] = ip_address
     if thing_name is not None:
         payload["thingName"] = thing_name
-    return LifecycleEvent(f"{PRESENCE_PREFIX}connect_failed/{client_id}", payload)
+    return LifecycleEvent(event_topic("connect_failed", client_id), payload)
 
 
 def subscription_event(event_type: str, client_id: str, *, timestamp_ms: int,
@@ -119,7 +126,7 @@ def subscription_event(event_type: str, client_id: str, *, timestamp_ms: int,
     payload["topics"] = list(topics)
     if thing_name is not None:
         payload["thingName"] = thing_name
-    return LifecycleEvent(f"{SUBSCRIPTIONS_PREFIX}{event_type}/{client_id}", payload)
+    return LifecycleEvent(event_topic(event_type, client_id), payload)
 
 
 @dataclass

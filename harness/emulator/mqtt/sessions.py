@@ -77,9 +77,19 @@ class RetainedMessage:
 class Session:
     """State of one client id that may span several connections."""
 
-    __slots__ = ("backlog", "client_id", "connection", "expires_at", "expiry_interval",
-                 "inflight", "pending", "protocol_level", "session_identifier", "subscriptions",
-                 "_next_id")
+    __slots__ = (
+        "_next_id",
+        "backlog",
+        "client_id",
+        "connection",
+        "expires_at",
+        "expiry_interval",
+        "inflight",
+        "pending",
+        "protocol_level",
+        "session_identifier",
+        "subscriptions",
+    )
 
     def __init__(self, client_id: str, protocol_level: int, expiry_interval: int) -> None:
         self.client_id = client_id
@@ -182,10 +192,6 @@ class SessionStore:
     def __len__(self) -> int:
         return len(self.sessions)
 
-    @property
-    def subscription_count(self) -> int:
-        return len(self._tree)
-
     def get(self, client_id: str, now: float) -> Session | None:
         """The live or unexpired stored session of ``client_id``."""
         session = self.sessions.get(client_id)
@@ -273,6 +279,9 @@ class SessionStore:
             return False
         self._tree.remove(topic_filter, session.client_id)
         return True
+
+    def has_subscribers(self, topic: str) -> bool:
+        return bool(self._tree.match(topic))
 
     def route(self, topic: str) -> list[tuple[Session, SubscriptionOptions]]:
         """The sessions a message on ``topic`` goes to, each once, with the options of its
