@@ -116,13 +116,12 @@ SUBCOMMANDS: dict[str, tuple[str, str, str]] = {
 Runner = Callable[[argparse.Namespace], int]
 
 
-def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Runner]]:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fleetbench",
         description="End-to-end test harness for AWS IoT fleet provisioning.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    runners: dict[str, Runner] = {}
     for name, (module_name, add_name, run_name) in SUBCOMMANDS.items():
         try:
             module = importlib.import_module(module_name)
@@ -130,19 +129,20 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Runner]]:
             log.debug("command %s unavailable: %s", name, exc)
             continue
         getattr(module, add_name)(sub)
-        runners[name] = getattr(module, run_name)
-    return parser, runners
+        sub.choices[name].set_defaults(fleetbench_runner=getattr(module, run_name))
+    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser, runners = build_parser()
+    parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=getattr(logging, str(getattr(args, "log_level", "WARNING")).upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
     try:
-        return runners[args.command](args)
+        runner: Runner = args.fleetbench_runner
+        return runner(args)
     except KeyboardInterrupt:
         return EXIT_FAILED
 
