@@ -61,6 +61,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--device", action="append", default=None,
                     help="device kind: virtual, sdk, process, serial (repeatable)")
     group.addoption("--bench", default=None, help="lab bench file for physical boards")
+    group.addoption("--board", action="append", default=None, metavar="NAME",
+                    help="board(s) of the bench file to use, in turn (default: all, in file order)")
     group.addoption("--fleetbench-report", default=None, help="write the run's report here")
     group.addoption("--emulator-mode", default="subprocess", choices=("subprocess", "in-process"),
                     help="--endpoint local: run the emulator as a subprocess (default) or "
@@ -323,7 +325,17 @@ class DeviceFactory:
         self._request = request
         self._workdir = workdir
         self._counter = itertools.count(1)
+        self._board_turn = 0
         self.devices: list[Any] = []
+
+    def _boards(self, bench: Path) -> list[str]:
+        """The ``--board`` names, else every board of the bench file in file order."""
+        chosen = self._request.config.getoption("--board")
+        if chosen:
+            return list(chosen)
+        from devices.bench import load_bench
+
+        return list(load_bench(bench).boards)
 
     def options(self, **options: Any) -> dict[str, Any]:
         """``options`` plus what the plugin knows and the kind accepts (workdir, bench)."""
@@ -334,6 +346,10 @@ class DeviceFactory:
         defaults: dict[str, Any] = {}
         if "bench" in accepted and bench:
             defaults["bench"] = Path(bench)
+            if "board" in accepted:
+                boards = self._boards(Path(bench))
+                defaults["board"] = boards[self._board_turn % len(boards)]
+                self._board_turn += 1
         if "workdir" in accepted:
             defaults["workdir"] = self._workdir / f"{self.kind}-{next(self._counter)}"
         return {**defaults, **options}
