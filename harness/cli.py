@@ -26,14 +26,41 @@ def _parse_hook(spec: str) -> tuple[str, str]:
     arn, sep, target = spec.partition("=")
     if not sep or not arn or not target:
         raise argparse.ArgumentTypeError(f"--hook expects ARN=TARGET, got {spec!r}")
+    from harness.emulator.hooks import HookTargets
+
+    try:  # a bad ARN or target is a usage error now, not a traceback once the loop runs
+        HookTargets({arn: target})
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
     return arn, target
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(
+            f"expected a port 0-65535 (0 = a free port), got {text!r}")
+    return port
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return value
 
 
 def add_emulator_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("emulator", help="run the emulated AWS IoT endpoint in the foreground")
     p.add_argument("--host", default="127.0.0.1", help="MQTT bind address (default 127.0.0.1)")
-    p.add_argument("--mqtt-port", type=int, default=8883, help="MQTT/TLS port, 0 = free port")
-    p.add_argument("--api-port", type=int, default=8443, help="control-plane port, 0 = free port")
+    p.add_argument("--mqtt-port", type=_port, default=8883, help="MQTT/TLS port, 0 = free port")
+    p.add_argument("--api-port", type=_port, default=8443, help="control-plane port, 0 = free port")
     p.add_argument("--api-host", default="127.0.0.1",
                    help="control-plane bind address (default 127.0.0.1; use --api-token beyond it)")
     p.add_argument("--data-dir", type=Path, default=None,
@@ -53,6 +80,9 @@ def add_emulator_parser(sub: argparse._SubParsersAction) -> None:  # type: ignor
     p.add_argument("--durability", choices=("normal", "full"), default="normal",
                    help="normal: acknowledged writes survive a killed emulator; full: also a "
                         "power cut (one fsync per commit)")
+    p.add_argument("--key-pool-size", type=_positive, default=None, metavar="N",
+                   help="RSA key pairs kept ready for CreateKeysAndCertificate (default 32; "
+                        "fewer start faster)")
     p.add_argument("--log-level", default="INFO")
 
 
@@ -76,28 +106,38 @@ def run_emulator(args: argparse.Namespace) -> int:
         api_token=args.api_token,
         broker_overrides=overrides,
         durability=args.durability,
+        key_pool_size=args.key_pool_size or EmulatorConfig.key_pool_size,
     )
-
-    async def main() -> None:
+    try:
+        # Built before the loop runs: it reads or creates the CA and the data dir (blocking).
         emulator = Emulator(config)
+    except OSError as exc:
+        print(f"fleetbench emulator: error: cannot use the data dir: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+    async def main() -> int:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        info = await emulator.start()
-        print(json.dumps(info.to_dict()), flush=True)
         try:
+            try:
+                info = await emulator.start()
+            except OSError as exc:  # address in use, unknown host...
+                print(f"fleetbench emulator: error: cannot listen: {exc}", file=sys.stderr)
+                return EXIT_USAGE
+            print(json.dumps(info.to_dict()), flush=True)
             await stop.wait()
+            return EXIT_OK
         finally:
+            # Also after a failed start: key workers, threads and a temp dir are released.
             await emulator.stop()
 
     try:
         import uvloop
-
-        uvloop.run(main())
     except ImportError:
-        asyncio.run(main())
-    return EXIT_OK
+        return asyncio.run(main())
+    return int(uvloop.run(main()))
 
 
 #: Subcommands: name -> (module, parser-adding function, runner). Each module owns its command;

@@ -29,6 +29,7 @@ import concurrent.futures as cf
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -305,6 +306,9 @@ class KeyPool:
             [sys.executable, "-m", "harness.emulator.keypool", "--worker", str(self.bits),
              str(self.niceness)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True,
+            # Own session: a terminal's Ctrl-C is the emulator's to handle; workers end
+            # when their stdin closes, whichever way the emulator stops.
+            start_new_session=True,
         )
         with self._lock:
             self._processes.add(proc)
@@ -387,7 +391,11 @@ def _end(proc: subprocess.Popen[bytes]) -> None:
 
 
 def _worker(bits: int, niceness: int, requests: IO[bytes], answers: IO[bytes]) -> int:
-    """Answer each request line with one key line until stdin closes."""
+    """Answer each request line with one key line until stdin closes.
+
+    Workers run in their own session and also ignore SIGINT: a Ctrl-C is the emulator's
+    to handle, and the worker ends when the emulator closes its stdin."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if niceness:
         try:
             os.nice(niceness)
