@@ -1,0 +1,1 @@
+"""Broker benchmarks: the emulator against mosquitto (see bench/README.md)."""
