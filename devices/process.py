@@ -51,6 +51,7 @@ from devices.base import (
     register_device_kind,
 )
 from devices.placeholders import RUN_PLACEHOLDERS, Template, Values
+from devices.provision_common import DefaultWorkdir, arm_fault_point, error_from_groups
 from devices.transcript import Expectation, ExpectTimeout, StreamClosed, Transcript
 from devices.yaml_config import ConfigNode, load_config_file
 from harness.endpoint_info import EndpointInfo
@@ -312,7 +313,7 @@ class ProcessDevice:
         self.options = options
         self._compiled = _compile(options)
         self._armed: FaultPoint | None = None
-        self._default_workdir: Path | None = None
+        self._workdirs = DefaultWorkdir("fleetbench-process-")
 
     # -- FaultPoints ---------------------------------------------------------------------------
     @property
@@ -323,25 +324,11 @@ class ProcessDevice:
 
     def cut_at(self, point: FaultPoint | str | None) -> None:
         """Cut the program at ``point`` during the next run only."""
-        if point is None:
-            self._armed = None
-            return
-        armed = coerce_enum(FaultPoint, point, "fault point")
-        if armed not in self.fault_points:
-            raise DeviceConfigError(
-                f"this process device cannot be cut at {armed.value}: configure "
-                "fault_points (a log pattern) or cut_args for it")
-        self._armed = armed
+        self._armed = arm_fault_point(point, self.fault_points, lambda armed: (
+            f"this process device cannot be cut at {armed.value}: configure "
+            "fault_points (a log pattern) or cut_args for it"))
 
     # -- Provisioner ---------------------------------------------------------------------------
-    def _workdir(self, inputs: DeviceInputs) -> Path:
-        if inputs.workdir is not None:
-            inputs.workdir.mkdir(parents=True, exist_ok=True)
-            return inputs.workdir
-        if self._default_workdir is None:
-            self._default_workdir = Path(tempfile.mkdtemp(prefix="fleetbench-process-"))
-        return self._default_workdir
-
     def _values(self, inputs: DeviceInputs, workdir: Path, cut: FaultPoint | None) -> Values:
         endpoint_file = workdir / "endpoint.json"
         return Values.from_inputs(inputs, workdir=workdir, extra={
@@ -377,7 +364,7 @@ class ProcessDevice:
     def provision(self, inputs: DeviceInputs) -> DeviceResult:
         """Run the program once; the result is its account (JSON) or what its log showed."""
         cut, self._armed = self._armed, None
-        workdir = self._workdir(inputs)
+        workdir = self._workdirs.for_run(inputs)
         values = self._values(inputs, workdir, cut)
         # Everything is rendered before anything starts: a placeholder the run cannot fill
         # raises PlaceholderError here.
@@ -551,11 +538,9 @@ class _Watch:
                 self.last = seen.at
             else:
                 groups = seen.groups
-                if "error_code" in groups or "status_code" in groups:
-                    status = groups.get("status_code", "0")
-                    self.error = ErrorResponse(int(status) if status.isdigit() else 0,
-                                               groups.get("error_code", ""),
-                                               groups.get("error_message", ""))
+                error = error_from_groups(groups)
+                if error is not None:
+                    self.error = error
                 self.failure = groups.get("reason") or f"{seen.name}: {seen.line.strip()}"
                 steps.append(StepRecord(seen.name, self.last, max(seen.at - self.last, 0.0),
                                         False, dict(groups),

@@ -23,18 +23,16 @@ connection without sending DISCONNECT, so the endpoint sees a clean close there.
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import logging
-import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from devices import flow_common as flow
 from devices.base import (
     FAULT_POINT_AFTER,
     CertApi,
@@ -49,7 +47,8 @@ from devices.base import (
     coerce_enum,
     register_device_kind,
 )
-from devices.credentials import CredentialStore, CredentialStoreError, DeviceState, Phase
+from devices.credentials import CredentialStore, CredentialStoreError
+from devices.provision_common import DefaultWorkdir, time_left
 from harness import pki
 from harness.protocol import INVALID_TOKEN_CODE, PayloadFormat
 
@@ -123,6 +122,16 @@ def _crt_failure(what: str, exc: BaseException) -> _Failure:
         name = getattr(inner, "name", None) or type(inner).__name__
     return _Failure("ConnectionLost" if "HANGUP" in str(name) else str(name),
                     f"{what}: {name}")
+
+
+def _explain(exc: Exception) -> flow.StepError | None:
+    """A step's failure as its record says it (see :func:`devices.flow_common.timed_step`)."""
+    if isinstance(exc, _Rejected):
+        return flow.StepError(exc.response.error_code,
+                              {"status_code": str(exc.response.status_code)})
+    if isinstance(exc, _Failure):
+        return flow.StepError(exc.code, {"reason": str(exc)})
+    return None
 
 
 def _error_response(modeled: Any) -> ErrorResponse:
@@ -453,7 +462,7 @@ class SdkDevice:
                 from None
         self.options = options or SdkOptions()
         self._armed: FaultPoint | None = None
-        self._default_workdir: Path | None = None
+        self._workdirs = DefaultWorkdir("fleetbench-sdk-")
 
     @property
     def fault_points(self) -> tuple[FaultPoint, ...]:
@@ -463,20 +472,13 @@ class SdkDevice:
         """Cut the next run at ``point`` (see the module docstring for what a cut is)."""
         self._armed = None if point is None else coerce_enum(FaultPoint, point, "fault point")
 
-    def _workdir(self, inputs: DeviceInputs) -> Path:
-        if inputs.workdir is not None:
-            return inputs.workdir
-        if self._default_workdir is None:
-            self._default_workdir = Path(tempfile.mkdtemp(prefix="fleetbench-sdk-"))
-        return self._default_workdir
-
     def provision(self, inputs: DeviceInputs) -> DeviceResult:
         """One boot: resume from flash or run the flow, then connect with the new certificate."""
         if inputs.payload_format is not PayloadFormat.JSON:
             raise DeviceConfigError("the sdk device speaks JSON only: the AWS IoT Device SDK's "
                                     "identity clients use the .../json topics")
         cut, self._armed = self._armed, None
-        store = CredentialStore(self._workdir(inputs))
+        store = CredentialStore(self._workdirs.for_run(inputs))
         store.ensure()
         device_log = _DeviceLog(store.directory / LOG_NAME)
         try:
@@ -499,52 +501,26 @@ class _SdkRun:
         self.steps: list[StepRecord] = []
         self.sessions: list[_Session] = []
         self.deadline = time.monotonic() + inputs.timeout_s
-        self.claim_client_id = inputs.client_id or (
-            f"{inputs.serial}-claim" if inputs.serial
-            else f"fleetbench-sdk-{uuid.uuid4().hex[:12]}")
+        self.claim_client_id = flow.claim_client_id(inputs, "fleetbench-sdk-")
         self.thing_name: str | None = None
         self.certificate_id: str | None = None
         self.device_configuration: dict[str, str] = {}
 
     # -- plumbing ------------------------------------------------------------------------------
     def budget(self, seconds: float) -> float:
-        remaining = self.deadline - time.monotonic()
-        if remaining <= 0:
-            raise _Failure("Timeout", f"run exceeded its {self.inputs.timeout_s:g}s budget")
-        return min(seconds, remaining)
+        return time_left(self.deadline, seconds, lambda: _Failure(
+            "Timeout", f"run exceeded its {self.inputs.timeout_s:g}s budget"))
 
     @contextmanager
     def step(self, step: Step) -> Iterator[dict[str, str]]:
-        detail: dict[str, str] = {}
-        started, t0 = time.time(), time.perf_counter()
-        error_code: str | None = None
-        completed = False
-        try:
+        with flow.timed_step(step, _explain, self.record) as detail:
             yield detail
-            completed = True
-        except _Rejected as exc:
-            error_code = exc.response.error_code
-            detail.setdefault("status_code", str(exc.response.status_code))
-            raise
-        except _Failure as exc:
-            error_code = exc.code
-            detail.setdefault("reason", str(exc))
-            raise
-        except CredentialStoreError as exc:
-            error_code = "CredentialStoreError"
-            detail.setdefault("reason", str(exc))
-            raise
-        finally:
-            record = StepRecord(step.value, started, time.perf_counter() - t0,
-                                completed and error_code is None, detail, error_code)
-            self.steps.append(record)
-            extra = " ".join(f"{k}={v}" for k, v in detail.items())
-            self.log(f"event=step name={step.value} ok={str(record.ok).lower()} "
-                     f"ms={record.duration * 1000:.1f}"
-                     + (f" error={error_code}" if error_code else "")
-                     + (f" {extra}" if extra else ""))
         if self.cut is not None and FAULT_POINT_AFTER[self.cut] is step:
             raise _Stop(self.cut)
+
+    def record(self, record: StepRecord) -> None:
+        self.steps.append(record)
+        self.log(flow.step_line(record))
 
     def open(self, client_id: str, cert: Path, key: Path) -> _Session:
         kind = _Mqtt5Session if self.inputs.mqtt_version is MqttVersion.V5 else _Mqtt3Session
@@ -557,13 +533,6 @@ class _SdkRun:
         if session in self.sessions:
             self.sessions.remove(session)
         session.close()
-
-    def parameters(self) -> dict[str, str]:
-        params = dict(self.inputs.parameters)
-        name = self.options.serial_parameter
-        if name and self.inputs.serial and name not in params:
-            params[name] = self.inputs.serial
-        return params
 
     # -- the run -------------------------------------------------------------------------------
     def execute(self) -> DeviceResult:
@@ -585,9 +554,7 @@ class _SdkRun:
             for session in list(self.sessions):
                 self.close(session)
         ok = error is None and failure is None
-        self.log(f"event=done ok={str(ok).lower()}" + (f" error={error.error_code}" if error
-                                                       else "")
-                 + (f" failure={failure!r}" if failure else ""))
+        self.log(flow.done_line(error, failure))
         return DeviceResult(
             ok=ok, device_id=self.inputs.device_id, kind=self.device.kind,
             thing_name=self.thing_name, certificate_id=self.certificate_id,
@@ -597,22 +564,19 @@ class _SdkRun:
 
     def boot(self) -> None:
         with self.step(Step.RESUME) as detail:
-            self.store.install_claim(self.inputs.claim.cert_path, self.inputs.claim.key_path)
-            state = self.store.load_state()
-            action = self.decide(state)
-            detail.update(phase=state.phase.value, action=action)
-        if action == "reuse":
+            state, action = flow.resume(self.store, self.inputs.claim, detail, may_finish=True)
+        if action is flow.BootAction.REUSE:
             self.thing_name, self.certificate_id = state.thing_name, state.certificate_id
             self.device_configuration = dict(state.device_configuration)
             self.use_device_identity()
             return
-        if action == "restart":
+        if action is flow.BootAction.RESTART:
             self.store.forget_progress()
         with self.step(Step.CONNECT_CLAIM) as detail:
             detail.update(client_id=self.claim_client_id,
                           certificate_id=self.inputs.claim.certificate_id)
             claim = self.open(self.claim_client_id, self.store.claim_cert, self.store.claim_key)
-        token = self.store.load_token() if action == "finish" else None
+        token = self.store.load_token() if action is flow.BootAction.FINISH else None
         if token is not None:
             self.certificate_id = state.certificate_id
             if not self.finish(claim, token):
@@ -622,13 +586,6 @@ class _SdkRun:
         with self.step(Step.DISCONNECT_CLAIM):
             self.close(claim)
         self.use_device_identity()
-
-    def decide(self, state: DeviceState) -> str:
-        if state.phase is Phase.REGISTERED:
-            return "reuse"
-        if state.phase is Phase.CREDENTIALS_SAVED:
-            return "finish" if self.store.load_token() else "restart"
-        return "start"
 
     def obtain_and_register(self, claim: _Session) -> None:
         csr = self.inputs.cert_api is CertApi.CSR
@@ -662,7 +619,7 @@ class _SdkRun:
         if claim.steps_subscribe:
             with self.step(Step.SUBSCRIBE_REGISTER):
                 claim.subscribe_register(template)
-        params = self.parameters()
+        params = flow.template_parameters(self.inputs, self.options.serial_parameter)
         with self.step(Step.REGISTER_THING) as detail:
             detail.update(template=template, parameters=",".join(sorted(params)))
             thing_name, configuration = claim.register(template, token, params)
@@ -681,8 +638,8 @@ class _SdkRun:
             if exc.response.error_code != INVALID_TOKEN_CODE:
                 raise
         with self.step(Step.PROBE_DEVICE) as detail:
-            client_id = self.options.device_client_id or self.inputs.serial or \
-                f"{self.claim_client_id}-device"
+            client_id = flow.device_client_id(self.options.device_client_id, None,
+                                              self.inputs, self.claim_client_id)
             detail.update(client_id=client_id)
             try:
                 probe = self.open(client_id, self.store.device_cert, self.store.device_key)
@@ -693,28 +650,23 @@ class _SdkRun:
                 self.close(probe)
                 detail.update(outcome="connected")
                 usable = True
-        if usable:
-            self.store.mark_registered(None, {}, time.time())
+        if flow.probe_settled(self.store, usable):
             return True
-        self.store.forget_progress()
         self.certificate_id = None
         return False
 
     def use_device_identity(self) -> None:
         """Reconnect with the new certificate (client id = thing name) and publish."""
-        client_id = (self.options.device_client_id or self.thing_name or self.inputs.serial
-                     or f"{self.claim_client_id}-device")
+        client_id = flow.device_client_id(self.options.device_client_id, self.thing_name,
+                                          self.inputs, self.claim_client_id)
         with self.step(Step.CONNECT_DEVICE) as detail:
             detail.update(client_id=client_id)
             session = self.open(client_id, self.store.device_cert, self.store.device_key)
-        if self.options.telemetry_topic:
-            topic = self.options.telemetry_topic.format(
-                thing_name=self.thing_name or client_id, client_id=client_id,
-                serial=self.inputs.serial or "")
+        topic = flow.telemetry_topic(self.options.telemetry_topic, self.thing_name,
+                                     client_id, self.inputs.serial)
+        if topic is not None:
             with self.step(Step.PUBLISH_TELEMETRY) as detail:
                 detail.update(topic=topic)
-                session.publish(topic, json.dumps({"serial": self.inputs.serial,
-                                                   "clientId": client_id,
-                                                   "timestamp": time.time()}).encode())
+                session.publish(topic, flow.telemetry_payload(self.inputs.serial, client_id))
         with self.step(Step.DISCONNECT_DEVICE):
             self.close(session)

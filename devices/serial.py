@@ -27,7 +27,6 @@ power-strip commands), or from labgrid when the board has a ``labgrid`` section
 from __future__ import annotations
 
 import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -42,7 +41,6 @@ from devices.base import (
     ErrorResponse,
     FaultPoint,
     StepRecord,
-    coerce_enum,
     register_device_kind,
 )
 from devices.bench import (
@@ -56,6 +54,7 @@ from devices.bench import (
     load_bench,
 )
 from devices.placeholders import Values
+from devices.provision_common import DefaultWorkdir, arm_fault_point, error_from_groups, time_left
 from devices.transcript import Expectation, ExpectFailed, ExpectTimeout, Seen, Transcript
 
 __all__ = [
@@ -336,7 +335,7 @@ class SerialDevice:
         self.bench: Bench = load_bench(options.bench)
         self.spec: BoardSpec = self.bench.board(options.board)
         self._armed: FaultPoint | None = None
-        self._default_workdir: Path | None = None
+        self._workdirs = DefaultWorkdir(f"fleetbench-{self.name}-")
 
     @property
     def name(self) -> str:
@@ -348,15 +347,12 @@ class SerialDevice:
         return tuple(self.spec.fault_points)
 
     def cut_at(self, point: FaultPoint | str | None) -> None:
-        if point is None:
-            self._armed = None
-            return
-        armed = coerce_enum(FaultPoint, point, "fault point")
-        if armed not in self.spec.fault_points:
+        def refusal(armed: FaultPoint) -> str:
             known = ", ".join(p.value for p in self.spec.fault_points) or "none"
-            raise DeviceConfigError(f"{self.spec.where}: no fault point {armed.value} in the "
-                                    f"bench (fault points of this board: {known})")
-        self._armed = armed
+            return (f"{self.spec.where}: no fault point {armed.value} in the bench (fault "
+                    f"points of this board: {known})")
+
+        self._armed = arm_fault_point(point, self.spec.fault_points, refusal)
 
     # -- Power ---------------------------------------------------------------------------------
     def _switch(self, action: str) -> None:
@@ -382,18 +378,10 @@ class SerialDevice:
         self._switch("cycle")
 
     # -- Provisioner ---------------------------------------------------------------------------
-    def _workdir(self, inputs: DeviceInputs) -> Path:
-        if inputs.workdir is not None:
-            inputs.workdir.mkdir(parents=True, exist_ok=True)
-            return inputs.workdir
-        if self._default_workdir is None:
-            self._default_workdir = Path(tempfile.mkdtemp(prefix=f"fleetbench-{self.name}-"))
-        return self._default_workdir
-
     def provision(self, inputs: DeviceInputs) -> DeviceResult:
         """One boot of the board through the bench (see the module docstring)."""
         cut, self._armed = self._armed, None
-        workdir = self._workdir(inputs)
+        workdir = self._workdirs.for_run(inputs)
         values = Values.from_inputs(inputs, workdir=workdir, extra={
             "board": self.spec.name, "tty": self.spec.console.port or ""})
         self._check(values, inputs, cut)  # fail fast, before the board is touched
@@ -476,10 +464,8 @@ class _BoardRun:
 
     # -- helpers ---------------------------------------------------------------------------------
     def remaining(self, timeout: float) -> float:
-        left = self.deadline - time.monotonic()
-        if left <= 0:
-            raise _Failed(f"run exceeded its {self.inputs.timeout_s:g}s budget")
-        return min(timeout, left)
+        return time_left(self.deadline, timeout, lambda: _Failed(
+            f"run exceeded its {self.inputs.timeout_s:g}s budget"))
 
     def record(self, name: str, ok: bool, detail: dict[str, str], at: float | None = None,
                error_code: str | None = None) -> None:
@@ -515,11 +501,7 @@ class _BoardRun:
     def failed(self, seen: Seen) -> None:
         groups = dict(seen.groups)
         name = seen.name.removeprefix("failure:")
-        error = None
-        if "error_code" in groups or "status_code" in groups:
-            status = groups.get("status_code", "")
-            error = ErrorResponse(int(status) if status.isdigit() else 0,
-                                  groups.get("error_code", ""), groups.get("error_message", ""))
+        error = error_from_groups(groups)
         self.record(name, False, groups, seen.at,
                     error_code=(error.error_code if error else None) or name)
         failure = None if error is not None else (groups.get("reason") or seen.line.strip())

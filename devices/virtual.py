@@ -24,10 +24,8 @@ import json
 import logging
 import os
 import random
-import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -40,6 +38,7 @@ import cbor2
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509 import load_pem_x509_csr
 
+from devices import flow_common as flow
 from devices.base import (
     FAULT_POINT_AFTER,
     CertApi,
@@ -52,7 +51,7 @@ from devices.base import (
     coerce_enum,
     register_device_kind,
 )
-from devices.credentials import CredentialStore, CredentialStoreError, DeviceState, Phase
+from devices.credentials import CredentialStore, CredentialStoreError, DeviceState
 from devices.mqtt_transport import (
     ConnectRefused,
     LoopDriver,
@@ -60,6 +59,7 @@ from devices.mqtt_transport import (
     TlsIdentity,
     TransportError,
 )
+from devices.provision_common import DefaultWorkdir, time_left
 from harness import pki
 from harness import protocol as fp
 from harness.errors import ProvisioningError
@@ -435,6 +435,17 @@ def generate_key(key_type: KeyType) -> pki.PrivateKey:
 # --------------------------------------------------------------------------- the device
 
 
+def _explain(exc: Exception) -> flow.StepError | None:
+    """A step's failure as its record says it (see :func:`devices.flow_common.timed_step`)."""
+    if isinstance(exc, Rejected):
+        return flow.StepError(exc.response.error_code,
+                              {"status_code": str(exc.response.status_code),
+                               "attempts": str(exc.attempts)})
+    if isinstance(exc, TransportError):
+        return flow.StepError(exc.code, {"reason": str(exc)})
+    return None
+
+
 class _Stop(Exception):
     """A run ends early on purpose: stop_after (clean) or a power cut."""
 
@@ -489,7 +500,7 @@ class VirtualDevice:
         self._armed_cut: FaultPoint | None = None
         self._lock = threading.Lock()
         self._transports: set[MqttTransport] = set()
-        self._default_workdir: Path | None = None
+        self._workdirs = DefaultWorkdir("fleetbench-virtual-")
 
     # -- FaultPoints -------------------------------------------------------------------------
     @property
@@ -518,11 +529,7 @@ class VirtualDevice:
 
     # -- Provisioner -------------------------------------------------------------------------
     def workdir_for(self, inputs: DeviceInputs) -> Path:
-        if inputs.workdir is not None:
-            return inputs.workdir
-        if self._default_workdir is None:
-            self._default_workdir = Path(tempfile.mkdtemp(prefix="fleetbench-virtual-"))
-        return self._default_workdir
+        return self._workdirs.for_run(inputs)
 
     def provision(self, inputs: DeviceInputs, control: StepControl | None = None) -> DeviceResult:
         """Boot once and run (or resume) the flow; the result is the device's account."""
@@ -579,15 +586,12 @@ class _Run:
         self.deadline = time.monotonic() + inputs.timeout_s
         self.open: list[MqttTransport] = []
         self.device_connection: MqttTransport | None = None  # the probe's, when it worked
-        self.claim_client_id = inputs.client_id or (
-            f"{inputs.serial}-claim" if inputs.serial else f"fleetbench-{uuid.uuid4().hex[:12]}")
+        self.claim_client_id = flow.claim_client_id(inputs, "fleetbench-")
 
     # -- plumbing ----------------------------------------------------------------------------
     def budget(self, seconds: float) -> float:
-        remaining = self.deadline - time.monotonic()
-        if remaining <= 0:
-            raise TransportError(f"run exceeded its {self.inputs.timeout_s:.0f}s budget")
-        return min(seconds, remaining)
+        return time_left(self.deadline, seconds, lambda: TransportError(
+            f"run exceeded its {self.inputs.timeout_s:.0f}s budget"))
 
     @contextmanager
     def step(self, step: Step) -> Iterator[dict[str, str]]:
@@ -596,30 +600,8 @@ class _Run:
             raise _Stop(step, True, "powered off")
         if self.control.before_step is not None:
             self.control.before_step(step)
-        detail: dict[str, str] = {}
-        started, t0 = time.time(), time.perf_counter()
-        error_code: str | None = None
-        completed = False
-        try:
+        with flow.timed_step(step, _explain, self.record) as detail:
             yield detail
-            completed = True
-        except Rejected as exc:
-            error_code = exc.response.error_code
-            detail.setdefault("status_code", str(exc.response.status_code))
-            detail.setdefault("attempts", str(exc.attempts))
-            raise
-        except TransportError as exc:
-            error_code = exc.code
-            detail.setdefault("reason", str(exc))
-            raise
-        except CredentialStoreError as exc:
-            error_code = "CredentialStoreError"
-            detail.setdefault("reason", str(exc))
-            raise
-        finally:
-            duration = time.perf_counter() - t0
-            ok = completed and error_code is None
-            self.record(StepRecord(step.value, started, duration, ok, detail, error_code))
         if self.device._off.is_set():
             raise _Stop(step, True, f"powered off during {step.value}")
         if self.control.stop_after is step:
@@ -629,11 +611,7 @@ class _Run:
 
     def record(self, record: StepRecord) -> None:
         self.steps.append(record)
-        extra = " ".join(f"{k}={v}" for k, v in record.detail.items() if k != "reason")
-        self.log(f"event=step name={record.name} ok={str(record.ok).lower()} "
-                 f"ms={record.duration * 1000:.1f}"
-                 + (f" error={record.error_code}" if record.error_code else "")
-                 + (f" {extra}" if extra else ""))
+        self.log(flow.step_line(record, omit=("reason",)))
         if self.options.on_step is not None:
             try:
                 self.options.on_step(record.name, record.duration, record.error_code)
@@ -683,16 +661,9 @@ class _Run:
     def template(self) -> str:
         return self.control.template_name or self.inputs.template_name
 
-    def parameters(self) -> dict[str, str]:
-        params = dict(self.inputs.parameters)
-        name = self.options.serial_parameter
-        if name and self.inputs.serial and name not in params:
-            params[name] = self.inputs.serial
-        return params
-
     def device_client_id(self, thing_name: str | None) -> str:
-        return (self.options.device_client_id or thing_name or self.inputs.serial
-                or f"{self.claim_client_id}-device")
+        return flow.device_client_id(self.options.device_client_id, thing_name,
+                                     self.inputs, self.claim_client_id)
 
     # -- the run -----------------------------------------------------------------------------
     def execute(self) -> DeviceResult:
@@ -721,9 +692,7 @@ class _Run:
             for transport in list(self.open):
                 self.close(transport, clean=not self.device._off.is_set())
         ok = error is None and failure is None
-        self.log(f"event=done ok={str(ok).lower()}"
-                 + (f" error={error.error_code}" if error else "")
-                 + (f" failure={failure!r}" if failure else ""))
+        self.log(flow.done_line(error, failure))
         return DeviceResult(
             ok=ok, device_id=self.inputs.device_id, kind=self.device.kind,
             thing_name=self.outcome.thing_name, certificate_id=self.outcome.certificate_id,
@@ -733,33 +702,22 @@ class _Run:
 
     def boot(self) -> None:
         with self.step(Step.RESUME) as detail:
-            self.store.install_claim(self.inputs.claim.cert_path, self.inputs.claim.key_path)
-            state = self.store.load_state()
-            action = self.decide(state)
-            detail.update(phase=state.phase.value, action=action)
-        if action == "reuse":
+            state, action = flow.resume(self.store, self.inputs.claim, detail,
+                                        may_finish=self.options.recovery is Recovery.FINISH)
+        if action is flow.BootAction.REUSE:
             self.outcome = _Outcome(state.thing_name, state.certificate_id,
                                     state.device_configuration)
             self.use_device_identity(state.thing_name)
             return
-        if action == "restart":
+        if action is flow.BootAction.RESTART:
             self.store.forget_progress()
         claim = self.connect_claim()
-        registered = action == "finish" and self.finish_registration(claim, state)
+        registered = action is flow.BootAction.FINISH and self.finish_registration(claim, state)
         if not registered:
             self.obtain_and_register(claim)
         with self.step(Step.DISCONNECT_CLAIM):
             self.close(claim)
         self.use_device_identity(self.outcome.thing_name)
-
-    def decide(self, state: DeviceState) -> str:
-        if state.phase is Phase.REGISTERED:
-            return "reuse"
-        if state.phase is Phase.CREDENTIALS_SAVED:
-            if self.options.recovery is Recovery.FINISH and self.store.load_token():
-                return "finish"
-            return "restart"
-        return "start"
 
     def connect_claim(self) -> MqttTransport:
         claim = self.inputs.claim
@@ -830,7 +788,7 @@ class _Run:
             assert self.control.advance_clock is not None
             self.log(f"event=waiting_for_token_expiry seconds={TOKEN_LIFETIME_S + 1:.0f}")
             self.control.advance_clock(TOKEN_LIFETIME_S + 1)
-        params = self.parameters()
+        params = flow.template_parameters(self.inputs, self.options.serial_parameter)
         response = self._register_once(client, sent_token, params)
         self.outcome.thing_name = response.thing_name
         self.outcome.device_configuration = dict(response.device_configuration)
@@ -886,11 +844,8 @@ class _Run:
                 self.device_connection = probe
                 detail.update(outcome="connected")
                 usable = True
-        if usable:
-            # Registered before the cut; the thing name was lost with the reply.
-            self.store.mark_registered(None, {}, time.time())
+        if flow.probe_settled(self.store, usable):
             return True
-        self.store.forget_progress()
         self.outcome = _Outcome()
         return False
 
@@ -906,15 +861,12 @@ class _Run:
             with self.step(Step.CONNECT_DEVICE) as detail:
                 detail.update(client_id=client_id, certificate=cert.stem)
                 transport = self.connect(client_id, cert, key, self.options.connect_timeout_s)
-        topic = self.control.publish_topic or (
-            self.options.telemetry_topic.format(
-                thing_name=thing_name or client_id, client_id=client_id,
-                serial=self.inputs.serial or "") if self.options.telemetry_topic else None)
+        topic = self.control.publish_topic or flow.telemetry_topic(
+            self.options.telemetry_topic, thing_name, client_id, self.inputs.serial)
         if topic is not None:
             with self.step(Step.PUBLISH_TELEMETRY) as detail:
                 detail.update(topic=topic)
-                payload = json.dumps({"serial": self.inputs.serial, "clientId": client_id,
-                                      "timestamp": time.time()}).encode()
+                payload = flow.telemetry_payload(self.inputs.serial, client_id)
                 transport.publish(topic, payload, qos=1,
                                   timeout=self.budget(self.options.response_timeout_s))
         with self.step(Step.DISCONNECT_DEVICE):

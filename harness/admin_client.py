@@ -15,10 +15,13 @@ import urllib.request
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from harness.emulator.controlplane import API_TOKEN_HEADER
 from harness.observations import Observation
+
+if TYPE_CHECKING:
+    from harness.emulator.faults import FaultPlan
 
 
 class AdminApiError(Exception):
@@ -108,6 +111,35 @@ class AdminClient:
     def reset(self) -> None:
         """Empty the emulated account."""
         self._call("POST", "/reset")
+
+    # -- faults and quotas (issue 10; docs/faults-and-quotas.md) ------------------------------
+    def faults(self) -> dict[str, Any]:
+        """The plan in force and per-rule counters: ``{"plan": {...}, "rules": [{"index",
+        "rule", "matched", "applied"}]}``."""
+        return self._call("GET", "/faults")
+
+    def set_faults(self, plan: Mapping[str, Any] | FaultPlan) -> dict[str, Any]:
+        """Replace the fault plan (its YAML structure as a dict, or a ``FaultPlan``);
+        counters and random draws start afresh. A bad plan raises :class:`AdminApiError`
+        (400) naming the key."""
+        body = dict(plan) if isinstance(plan, Mapping) else plan.to_wire()
+        return self._call("PUT", "/faults", body=body)
+
+    def clear_faults(self) -> dict[str, Any]:
+        """Remove every fault rule."""
+        return self._call("DELETE", "/faults")
+
+    def quotas(self) -> dict[str, str]:
+        """Quotas in force, by API name: ``{"RegisterThing": "10/s", ...}``."""
+        return dict(self._call("GET", "/quotas")["quotas"])
+
+    def set_quotas(self, quotas: Mapping[str, str] | None = None, *,
+                   preset: str | None = None) -> dict[str, str]:
+        """Replace every quota: ``preset`` (``"aws"`` or ``"none"``) then ``quotas``
+        (``{"RegisterThing": "5/s", "Connect": "off"}``) on top. ``set_quotas()`` removes
+        them all. Returns the quotas now in force."""
+        body = {"preset": preset, "quotas": dict(quotas or {})}
+        return dict(self._call("PUT", "/quotas", body=body)["quotas"])
 
     def _call(self, method: str, path: str, *, query: Mapping[str, Any] | None = None,
               body: Any = None, extra_timeout: float = 0.0) -> dict[str, Any]:

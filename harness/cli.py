@@ -83,11 +83,25 @@ def add_emulator_parser(sub: argparse._SubParsersAction) -> None:  # type: ignor
     p.add_argument("--key-pool-size", type=_positive, default=None, metavar="N",
                    help="RSA key pairs kept ready for CreateKeysAndCertificate (default 32; "
                         "fewer start faster)")
+    from harness.emulator.quotas import add_quota_arguments
+
+    add_quota_arguments(p)
+    p.add_argument("--faults", type=Path, default=None, metavar="PLAN.yaml",
+                   help="fault plan to apply from the start (see docs/faults-and-quotas.md); "
+                        "a bad plan is refused with its file:line")
     p.add_argument("--log-level", default="INFO")
 
 
 def run_emulator(args: argparse.Namespace) -> int:
     from harness.emulator.app import Emulator, EmulatorConfig
+    from harness.emulator.faults import FaultPlanError, load_fault_plan
+    from harness.emulator.quotas import quotas_from_args
+
+    try:
+        faults = load_fault_plan(args.faults) if args.faults is not None else None
+    except FaultPlanError as exc:  # names the file and line
+        print(f"fleetbench emulator: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
 
     if args.api_host not in ("127.0.0.1", "localhost", "::1") and not args.api_token:
         print("fleetbench: warning: control plane exposed beyond loopback without --api-token",
@@ -107,6 +121,8 @@ def run_emulator(args: argparse.Namespace) -> int:
         broker_overrides=overrides,
         durability=args.durability,
         key_pool_size=args.key_pool_size or EmulatorConfig.key_pool_size,
+        quotas=quotas_from_args(args),
+        faults=faults,
     )
     try:
         # Built before the loop runs: it reads or creates the CA and the data dir (blocking).

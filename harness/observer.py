@@ -22,7 +22,6 @@ one trace builder (:func:`build_trace`), so the linking rules are the same every
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import logging
 import os
@@ -40,6 +39,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from harness.admin_client import AdminClient
+from harness.epoch import epoch_seconds
 from harness.observations import Kind, Observation
 
 log = logging.getLogger("fleetbench.observer")
@@ -469,14 +469,6 @@ def presence_observation(seq: int, payload: Mapping[str, Any]) -> Observation | 
     )
 
 
-def _epoch(value: Any) -> float | None:
-    if isinstance(value, dt.datetime):
-        return value.timestamp()
-    if isinstance(value, (int, float)):
-        return float(value)
-    return None
-
-
 @dataclass
 class _Credentials:
     certificate_id: str
@@ -653,7 +645,7 @@ class AwsObserver(Observer):
             description = desc["certificateDescription"]
             arn = description["certificateArn"]
             things = tuple(self._iot.list_principal_things(principal=arn).get("things", []))
-            facts = (_epoch(description.get("creationDate")), things)
+            facts = (epoch_seconds(description.get("creationDate")), things)
         except self._iot.exceptions.ResourceNotFoundException:
             facts = (None, ())
         self._cert_cache[certificate_id] = facts

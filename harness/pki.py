@@ -155,23 +155,10 @@ class CertificateAuthority:
             x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fleetbench"),
             x509.NameAttribute(NameOID.COMMON_NAME, common_name),
         ])
-        now = _now()
         cert = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(key.public_key())
-            .serial_number(_serial())
-            .not_valid_before(now - dt.timedelta(days=1))
-            .not_valid_after(now + dt.timedelta(days=3650))
+            _self_signed_builder(key, name, days=3650)
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(digital_signature=True, content_commitment=False,
-                              key_encipherment=False, data_encipherment=False,
-                              key_agreement=False, key_cert_sign=True, crl_sign=True,
-                              encipher_only=False, decipher_only=False),
-                critical=True,
-            )
+            .add_extension(_key_usage(signs_certificates=True), critical=True)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
                            critical=False)
             .sign(key, hashes.SHA256())
@@ -248,13 +235,7 @@ class CertificateAuthority:
         start = not_before or (_now() - dt.timedelta(minutes=1))
         return (
             self._builder(subject, public_key, start, not_after)
-            .add_extension(
-                x509.KeyUsage(digital_signature=True, content_commitment=False,
-                              key_encipherment=False, data_encipherment=False,
-                              key_agreement=False, key_cert_sign=False, crl_sign=False,
-                              encipher_only=False, decipher_only=False),
-                critical=True,
-            )
+            .add_extension(_key_usage(signs_certificates=False), critical=True)
             .sign(self.key, hashes.SHA256())
         )
 
@@ -263,6 +244,13 @@ def self_signed_certificate(key: PrivateKey, common_name: str = "device",
                             days: int = 365) -> x509.Certificate:
     """A self-signed certificate (for RegisterCertificateWithoutCA and negative tests)."""
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    return _self_signed_builder(key, name, days=days).sign(key, hashes.SHA256())
+
+
+def _self_signed_builder(key: PrivateKey, name: x509.Name, *,
+                         days: int) -> x509.CertificateBuilder:
+    """Subject and issuer ``name``, valid from a day ago for ``days`` days: the start of
+    every certificate that signs itself (a root CA or a device's own)."""
     now = _now()
     return (
         x509.CertificateBuilder()
@@ -272,5 +260,12 @@ def self_signed_certificate(key: PrivateKey, common_name: str = "device",
         .serial_number(_serial())
         .not_valid_before(now - dt.timedelta(days=1))
         .not_valid_after(now + dt.timedelta(days=days))
-        .sign(key, hashes.SHA256())
     )
+
+
+def _key_usage(*, signs_certificates: bool) -> x509.KeyUsage:
+    """``digitalSignature``, plus ``keyCertSign`` and ``cRLSign`` for a CA."""
+    return x509.KeyUsage(digital_signature=True, content_commitment=False,
+                         key_encipherment=False, data_encipherment=False, key_agreement=False,
+                         key_cert_sign=signs_certificates, crl_sign=signs_certificates,
+                         encipher_only=False, decipher_only=False)

@@ -29,6 +29,8 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
+from harness.epoch import epoch_seconds
+
 log = logging.getLogger("fleetbench.teardown")
 
 #: How long deletes that AWS makes wait (thing after detach, policy after detach) are retried.
@@ -135,14 +137,6 @@ def _message(exc: BaseException) -> str:
 
 def _not_found(exc: BaseException) -> bool:
     return _code(exc) in ("ResourceNotFoundException", "NoSuchEntity", "NoSuchEntityException")
-
-
-def _epoch(value: Any) -> float | None:
-    if isinstance(value, dt.datetime):
-        return value.timestamp()
-    if isinstance(value, (int, float)):
-        return float(value)
-    return None
 
 
 @dataclass
@@ -401,7 +395,7 @@ class Teardown:
                 self.iot.deprecate_thing_type(thingTypeName=name, undoDeprecate=False)
                 deprecated_at = time.time()
             else:
-                deprecated_at = _epoch(meta.get("deprecationDate"))
+                deprecated_at = epoch_seconds(meta.get("deprecationDate"))
             self.iot.delete_thing_type(thingTypeName=name)
             self._ok(resource)
         except Exception as exc:

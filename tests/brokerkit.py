@@ -7,6 +7,7 @@ Reusable by any test that needs MQTT over mutual TLS against the emulator:
 * :class:`BrokerKit` — a throwaway CA, a server certificate and a :class:`Broker`
   running on its own (uv)loop thread, bound to 127.0.0.1 port 0;
   ``kit.device("name", policy=...)`` issues and registers a device certificate;
+  :func:`kit_fixture` makes a test module's ``kit`` fixture;
 * clients: :class:`RawClient` (our codec over a TLS socket: exact packets,
   malformed bytes, slow senders), :class:`PahoClient` (paho-mqtt 2, 3.1.1 and 5,
   TCP_NODELAY), :func:`mosquitto_args` / :func:`mosquitto_pub` for the command-line
@@ -29,11 +30,12 @@ import ssl
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import pytest
 from cryptography import x509
 
 from harness import pki
@@ -346,6 +348,19 @@ class BrokerKit:
 
     def client(self, device: Device, **kwargs: Any) -> RawClient:
         return RawClient(HOST, self.port, device, **kwargs)
+
+
+def kit_fixture(**overrides: Any) -> Any:
+    """The function-scoped ``kit`` fixture: a started :class:`BrokerKit` in the test's
+    ``tmp_path``, with ``overrides`` for its :class:`BrokerSettings`. In a test module:
+    ``kit = kit_fixture()``."""
+
+    @pytest.fixture(name="kit")
+    def _kit(tmp_path: Path) -> Iterator[BrokerKit]:
+        with BrokerKit(tmp_path, **overrides) as kit:
+            yield kit
+
+    return _kit
 
 
 @functools.lru_cache(maxsize=1)

@@ -6,7 +6,6 @@ import datetime as dt
 import json
 import ssl
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,13 +23,18 @@ from harness.emulator.mqtt.packets import (
     Subscription,
 )
 from harness.observations import Kind
-from tests.brokerkit import SERVER_NAME, BrokerKit, RawClient, allow, arn, policy, write_device
+from tests.brokerkit import (
+    SERVER_NAME,
+    BrokerKit,
+    RawClient,
+    allow,
+    arn,
+    kit_fixture,
+    policy,
+    write_device,
+)
 
-
-@pytest.fixture
-def kit(tmp_path: Path) -> Iterator[BrokerKit]:
-    with BrokerKit(tmp_path) as k:
-        yield k
+kit = kit_fixture()
 
 
 def watch_presence(kit: BrokerKit, client_id: str) -> RawClient:

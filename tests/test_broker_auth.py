@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from cryptography import x509
 
 from harness.emulator.auth import Principal
@@ -20,13 +18,9 @@ from harness.emulator.mqtt.packets import (
     Subscription,
 )
 from harness.observations import Kind
-from tests.brokerkit import ALLOW_ALL, BrokerKit, MemThing, allow, arn, policy
+from tests.brokerkit import ALLOW_ALL, BrokerKit, MemThing, allow, arn, kit_fixture, policy
 
-
-@pytest.fixture
-def kit(tmp_path: Path) -> Iterator[BrokerKit]:
-    with BrokerKit(tmp_path) as k:
-        yield k
+kit = kit_fixture()
 
 
 def test_policy_change_reaches_a_live_connection_without_reconnecting(kit: BrokerKit) -> None:

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,17 +16,14 @@ from tests.brokerkit import (
     allow,
     crt_connection,
     crt_mqtt5_client,
+    kit_fixture,
     mosquitto_available,
     mosquitto_pub,
     mosquitto_sub,
     policy,
 )
 
-
-@pytest.fixture
-def kit(tmp_path: Path) -> Iterator[BrokerKit]:
-    with BrokerKit(tmp_path) as k:
-        yield k
+kit = kit_fixture()
 
 
 # -- paho-mqtt ------------------------------------------------------------------------------------

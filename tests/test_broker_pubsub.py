@@ -4,10 +4,7 @@ messages, persistent sessions, duplicate client ids, keep-alive and lifecycle ev
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from harness.emulator.mqtt.packets import (
     Disconnect,
@@ -21,13 +18,9 @@ from harness.emulator.mqtt.packets import (
     Will,
 )
 from harness.observations import Kind
-from tests.brokerkit import BrokerKit, RawClient, allow, arn, policy
+from tests.brokerkit import BrokerKit, RawClient, allow, arn, kit_fixture, policy
 
-
-@pytest.fixture
-def kit(tmp_path: Path) -> Iterator[BrokerKit]:
-    with BrokerKit(tmp_path) as k:
-        yield k
+kit = kit_fixture()
 
 
 def connected(kit: BrokerKit, client_id: str, *, level: int = 4, policies: tuple[str, ...]

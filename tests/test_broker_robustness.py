@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,13 +19,9 @@ from harness.emulator.mqtt.packets import (
     Subscription,
 )
 from harness.observations import Kind
-from tests.brokerkit import HOST, BrokerKit, RawClient
+from tests.brokerkit import HOST, BrokerKit, RawClient, kit_fixture
 
-
-@pytest.fixture
-def kit(tmp_path: Path) -> Iterator[BrokerKit]:
-    with BrokerKit(tmp_path, connect_timeout=0.5, packet_timeout=0.5) as k:
-        yield k
+kit = kit_fixture(connect_timeout=0.5, packet_timeout=0.5)
 
 
 def healthy(kit: BrokerKit, name: str) -> RawClient:

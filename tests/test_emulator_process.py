@@ -14,7 +14,6 @@ way a terminal does and so that cleanup reaches the key-pool workers it started.
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import os
 import queue
@@ -33,30 +32,33 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography import x509
 
 from devices.base import (
-    CertApi,
     ClaimCredentials,
-    DeviceInputs,
     DeviceResult,
-    EndpointParams,
     Step,
 )
-from devices.virtual import StepControl, VirtualDevice, VirtualOptions
 from harness import pki
 from harness.endpoint_info import EndpointInfo
-from harness.fleet import Fleet, FleetSpec
+from tests.device_kit import (
+    REQUIRED_FIELDS,
+    SAN_DNS,
+    SAN_IP,
+    STOP_TIMEOUT,
+    boot,
+    certificate_from_csr,
+    device_inputs,
+    iot_client,
+    new_fleet,
+    provision_two,
+    ran,
+    refuses_connections,
+    tls_handshake,
+)
 
-#: What endpoint.json must hold at least (issue 2).
-REQUIRED_FIELDS = ("mqtt_host", "mqtt_port", "api_url", "ca_file", "region", "account_id",
-                   "data_dir")
 STARTUP_TIMEOUT = 30.0
-#: "shuts down cleanly" within a few seconds of SIGTERM/SIGINT.
-STOP_TIMEOUT = 5.0
 KEY_POOL_SIZE = "2"  # the CLI's default (32 RSA keys) costs seconds of CPU at start
 WARNING = "control plane exposed beyond loopback without --api-token"
-SAN_DNS, SAN_IP = "gateway.fleetbench.test", "10.77.0.9"
 REGION, ACCOUNT = "eu-central-1", "210987654321"
 
 
@@ -176,76 +178,6 @@ def stop_cleanly(process: EmulatorProcess, sig: int = signal.SIGTERM) -> None:
     assert "Traceback" not in process.stderr, process.stderr[-3000:]
 
 
-# -- clients --------------------------------------------------------------------------------------
-
-@functools.lru_cache(maxsize=1)
-def _session() -> Any:
-    import boto3
-
-    return boto3.Session()  # one session: botocore's service model is loaded once
-
-
-def iot_client(info: EndpointInfo) -> Any:
-    """boto3's ``iot`` client on the emulator's control plane, as any user builds one."""
-    return _session().client("iot", endpoint_url=info.api_url, region_name=info.region,
-                             aws_access_key_id="AKIDFLEETBENCHTEST",
-                             aws_secret_access_key="fleetbench-test")
-
-
-def tls_handshake(info: EndpointInfo, server_hostname: str,
-                  ca_file: Path | str) -> x509.Certificate:
-    """A TLS handshake to the MQTT port verifying the server certificate against ``ca_file``
-    for ``server_hostname``; returns the certificate the server presented."""
-    ctx = ssl.create_default_context(cafile=str(ca_file))
-    with socket.create_connection((info.mqtt_host, info.mqtt_port), timeout=10) as raw, \
-            ctx.wrap_socket(raw, server_hostname=server_hostname) as tls:
-        der = tls.getpeercert(binary_form=True)
-    assert der is not None
-    return x509.load_der_x509_certificate(der)
-
-
-def refuses_connections(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=2).close()
-    except OSError:
-        return True
-    return False
-
-
-def new_fleet(info: EndpointInfo, workdir: Path) -> Fleet:
-    """A provisioning template and claim policy made through boto3 (harness.fleet)."""
-    spec = FleetSpec(prefix=f"fb{uuid.uuid4().hex[:6]}", workdir=workdir)
-    return Fleet(iot_client(info), spec, region=info.region, account_id=info.account_id).setup()
-
-
-def device_inputs(info: EndpointInfo, claim: ClaimCredentials, template: str, serial: str,
-                  workdir: Path) -> DeviceInputs:
-    return DeviceInputs(endpoint=EndpointParams.from_endpoint_info(info), claim=claim,
-                        template_name=template, cert_api=CertApi.CSR, serial=serial,
-                        workdir=workdir, timeout_s=30.0)
-
-
-def boot(inputs: DeviceInputs, *, stop_after: Step | None = None,
-         on_step: Callable[[str, float, str | None], None] | None = None,
-         client_id: str | None = None) -> DeviceResult:
-    """One boot of a virtual device (a later boot with the same workdir is a reboot);
-    ``client_id`` is the one its own certificate connects with (default the thing name)."""
-    options = VirtualOptions(rng_seed=7, control=StepControl(stop_after=stop_after),
-                             on_step=on_step, device_client_id=client_id)
-    return VirtualDevice(options).provision(inputs)
-
-
-def ran(result: DeviceResult, step: Step) -> bool:
-    record = result.step(step)
-    return record is not None and record.ok
-
-
-def certificate_from_csr(iot: Any, *, active: bool = True) -> dict[str, Any]:
-    made: dict[str, Any] = iot.create_certificate_from_csr(
-        certificateSigningRequest=pki.make_csr(pki.generate_ec_key()), setAsActive=active)
-    return made
-
-
 # -- one emulator for the read-only checks --------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -307,7 +239,7 @@ def test_ca_file_signs_every_certificate_the_endpoint_issues(running: Running) -
     # issue 2: ca_file is the root that signs "every certificate the endpoint issues"
     ca = pki.load_certificate(Path(running.info.ca_file).read_bytes())
     iot = iot_client(running.info)
-    from_csr = certificate_from_csr(iot)["certificatePem"]
+    from_csr = certificate_from_csr(iot)[0]["certificatePem"]
     from_keys = iot.create_keys_and_certificate(setAsActive=False)["certificatePem"]
     for pem in (from_csr, from_keys):
         pki.load_certificate(pem).verify_directly_issued_by(ca)
@@ -332,7 +264,7 @@ def test_region_and_account_id_are_reflected_in_arns_returned_by_boto3(running: 
         "Version": "2012-10-17",
         "Statement": [{"Effect": "Allow", "Action": "iot:Connect", "Resource": "*"}]}))
     assert policy["policyArn"] == f"{prefix}policy/{name}"
-    made = certificate_from_csr(iot)
+    made, _ = certificate_from_csr(iot)
     assert made["certificateArn"] == f"{prefix}cert/{made['certificateId']}"
 
 
@@ -403,14 +335,9 @@ def restarted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Restarted]:
         first = start(emulator_args(data_dir))
         before = first.info
         iot = iot_client(before)
-        fleet = new_fleet(before, base / "fleet")
-        claim = fleet.create_claim()
         # a device provisioned end to end, and one stopped once its token is in flash
-        registered_dir, pending_dir = base / "device-a", base / "device-b"
-        registered = boot(device_inputs(before, claim, fleet.template_name, "a", registered_dir))
-        assert registered.ok, registered.failure or registered.error
-        pending = boot(device_inputs(before, claim, fleet.template_name, "b", pending_dir),
-                       stop_after=Step.SAVE_CREDENTIALS)
+        devices = provision_two(before, base)
+        pending = devices.pending
         assert pending.stopped_at == Step.SAVE_CREDENTIALS.value and pending.certificate_id
         # things, policies and certificates made through the control plane
         thing, policy = f"kept-{uuid.uuid4().hex[:8]}", f"kept-policy-{uuid.uuid4().hex[:8]}"
@@ -418,10 +345,10 @@ def restarted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Restarted]:
         iot.create_policy(policyName=policy, policyDocument=json.dumps({
             "Version": "2012-10-17",
             "Statement": [{"Effect": "Allow", "Action": "iot:Publish", "Resource": "*"}]}))
-        active = certificate_from_csr(iot)
+        active, _ = certificate_from_csr(iot)
         iot.attach_policy(policyName=policy, target=active["certificateArn"])
         iot.attach_thing_principal(thingName=thing, principal=active["certificateArn"])
-        inactive = certificate_from_csr(iot)
+        inactive, _ = certificate_from_csr(iot)
         iot.update_certificate(certificateId=inactive["certificateId"], newStatus="INACTIVE")
         files = {name: (data_dir / name).read_bytes()
                  for name in ("ca.pem", "ca.key", "server.pem", "server.key")}
@@ -431,10 +358,11 @@ def restarted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Restarted]:
         second = start(emulator_args(data_dir))
         yield Restarted(
             data_dir=data_dir, before=before, after=second.info, files=files,
-            old_ca_copy=old_ca_copy, fleet_template=fleet.template_name, claim=claim,
-            thing=thing, policy=policy, active_certificate=active["certificateId"],
-            inactive_certificate=inactive["certificateId"], registered=registered,
-            registered_dir=registered_dir, pending_dir=pending_dir,
+            old_ca_copy=old_ca_copy, fleet_template=devices.fleet.template_name,
+            claim=devices.claim, thing=thing, policy=policy,
+            active_certificate=active["certificateId"],
+            inactive_certificate=inactive["certificateId"], registered=devices.registered,
+            registered_dir=devices.registered_dir, pending_dir=devices.pending_dir,
             pending_certificate=pending.certificate_id)
 
 
@@ -595,7 +523,8 @@ def test_a_port_already_in_use_exits_2_with_a_clear_message(launch: Launch,
         process = launch(["--mqtt-port", str(port), "--api-port", "0", "--key-pool-size", "1",
                           "--data-dir", str(tmp_path / "data")])
         assert process.wait(STARTUP_TIMEOUT) == 2
-    assert "cannot listen" in process.stderr and "address already in use" in process.stderr
+    assert "cannot listen" in process.stderr
+    assert "address already in use" in process.stderr.lower()
     assert "Traceback" not in process.stderr, process.stderr[-3000:]
     assert process.lines.get(timeout=5) is None  # nothing printed
     assert not (tmp_path / "data" / "endpoint.json").exists()

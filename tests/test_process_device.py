@@ -3,7 +3,6 @@ points, and the reference virtual device run as a separate program against the e
 
 from __future__ import annotations
 
-import secrets
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,8 +23,8 @@ from devices.base import (
 from devices.placeholders import PlaceholderError, Template, Values
 from harness import pki
 from harness import protocol as fp
-from harness.fleet import SERIAL_PARAMETER, Fleet, FleetSpec
 from harness.observer import StepKind
+from tests.device_kit import disabled_fleet_fixture, run_inputs
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "process-device" / "device.yaml"
 
@@ -48,18 +47,6 @@ def offline_inputs(tmp_path: Path) -> DeviceInputs:
         parameters={"Region": "eu"}, serial="SN1", workdir=tmp_path / "dev", timeout_s=20)
 
 
-def run_inputs(fleet: Fleet, endpoint_params: EndpointParams, claim: ClaimCredentials,
-               tmp_path: Path, **overrides: object) -> DeviceInputs:
-    serial = str(overrides.pop("serial", f"sn{secrets.token_hex(4)}"))
-    values: dict[str, object] = {
-        "endpoint": endpoint_params, "claim": claim, "template_name": fleet.template_name,
-        "flow": "trusted-user" if claim.temporary else "claim",
-        "parameters": {SERIAL_PARAMETER: serial}, "serial": serial,
-        "client_id": f"{serial}-claim", "workdir": tmp_path / serial, "timeout_s": 60}
-    values.update(overrides)
-    return DeviceInputs(**values)  # type: ignore[arg-type]
-
-
 def alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -77,15 +64,7 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
     return predicate()
 
 
-@pytest.fixture(scope="module")
-def disabled_fleet(endpoint, fleetbench_prefix, tmp_path_factory):
-    """A fleet whose template is disabled: RegisterThing is rejected (spec fleet §1.4 step 3)."""
-    fleet = Fleet.for_endpoint(endpoint, FleetSpec(prefix=f"{fleetbench_prefix}-pd",
-                                                   enabled=False,
-                                                   workdir=tmp_path_factory.mktemp("off")))
-    fleet.setup()
-    yield fleet
-    fleet.teardown()
+disabled_fleet = disabled_fleet_fixture("-pd")
 
 
 # --------------------------------------------------------------------------- placeholders

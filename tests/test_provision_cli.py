@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from harness import protocol as fp
-from harness.fleet import Fleet, FleetSpec
 from harness.provision_cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, main
+from tests.device_kit import disabled_fleet_fixture
 
 EXAMPLE_BENCH = Path(__file__).resolve().parents[1] / "devices" / "benches" / "simulator.yaml"
 CLI_TIMEOUT_S = 120
@@ -32,15 +32,7 @@ def endpoint_file(endpoint: Any) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def disabled_fleet(endpoint, fleetbench_prefix, tmp_path_factory):
-    """A fleet whose template is disabled: RegisterThing is rejected (spec fleet §1.4 step 3)."""
-    fleet = Fleet.for_endpoint(endpoint, FleetSpec(prefix=f"{fleetbench_prefix}-cl",
-                                                   enabled=False,
-                                                   workdir=tmp_path_factory.mktemp("off")))
-    fleet.setup()
-    yield fleet
-    fleet.teardown()
+disabled_fleet = disabled_fleet_fixture("-cl")
 
 
 def provision(*args: str | Path, env: dict[str, str] | None = None,

@@ -3,48 +3,22 @@
 
 from __future__ import annotations
 
-import secrets
-from pathlib import Path
-
 import pytest
 
 from devices.base import (
-    ClaimCredentials,
     DeviceConfigError,
-    DeviceInputs,
-    EndpointParams,
     FaultPoint,
     Step,
     create_device,
 )
 from harness import protocol as fp
-from harness.fleet import SERIAL_PARAMETER, Fleet, FleetSpec
 from harness.observer import StepKind
+from tests.device_kit import disabled_fleet_fixture, run_inputs
 
 pytest.importorskip("awsiot", reason="the sdk device needs awsiotsdk (fleetbench[sdk])")
 
 
-def run_inputs(fleet: Fleet, endpoint_params: EndpointParams, claim: ClaimCredentials,
-               tmp_path: Path, **overrides: object) -> DeviceInputs:
-    serial = str(overrides.pop("serial", f"sn{secrets.token_hex(4)}"))
-    values: dict[str, object] = {
-        "endpoint": endpoint_params, "claim": claim, "template_name": fleet.template_name,
-        "flow": "trusted-user" if claim.temporary else "claim",
-        "parameters": {SERIAL_PARAMETER: serial}, "serial": serial,
-        "client_id": f"{serial}-claim", "workdir": tmp_path / serial, "timeout_s": 60}
-    values.update(overrides)
-    return DeviceInputs(**values)  # type: ignore[arg-type]
-
-
-@pytest.fixture(scope="module")
-def disabled_fleet(endpoint, fleetbench_prefix, tmp_path_factory):
-    """A fleet whose template is disabled: RegisterThing is rejected (spec fleet §1.4 step 3)."""
-    fleet = Fleet.for_endpoint(endpoint, FleetSpec(prefix=f"{fleetbench_prefix}-sd",
-                                                   enabled=False,
-                                                   workdir=tmp_path_factory.mktemp("off")))
-    fleet.setup()
-    yield fleet
-    fleet.teardown()
+disabled_fleet = disabled_fleet_fixture("-sd")
 
 
 def test_the_sdk_device_refuses_cbor_because_the_sdk_speaks_json_only(

@@ -4,7 +4,6 @@ the emulator; the labgrid path; and devices of every kind provisioning at once."
 from __future__ import annotations
 
 import os
-import secrets
 import select
 import signal
 import subprocess
@@ -21,10 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from devices.base import (
-    ClaimCredentials,
     DeviceConfigError,
-    DeviceInputs,
-    EndpointParams,
     FaultPoint,
     create_device,
 )
@@ -32,8 +28,8 @@ from devices.boards.firmware import BANNER
 from devices.boards.simulator import PowerControl
 from devices.transcript import Expectation, ExpectTimeout, Transcript
 from harness import protocol as fp
-from harness.fleet import SERIAL_PARAMETER, Fleet, FleetSpec
 from harness.observer import StepKind
+from tests.device_kit import disabled_fleet_fixture, run_inputs
 
 EXAMPLE_BENCH = Path(__file__).resolve().parents[1] / "devices" / "benches" / "simulator.yaml"
 STARTUP_TIMEOUT_S = 20.0
@@ -86,27 +82,7 @@ def board(sim_dir: Path, tmp_path: Path) -> Iterator[SimulatedBoard]:
     stop_board(started)
 
 
-@pytest.fixture(scope="module")
-def disabled_fleet(endpoint, fleetbench_prefix, tmp_path_factory):
-    """A fleet whose template is disabled: RegisterThing is rejected (spec fleet §1.4 step 3)."""
-    fleet = Fleet.for_endpoint(endpoint, FleetSpec(prefix=f"{fleetbench_prefix}-sr",
-                                                   enabled=False,
-                                                   workdir=tmp_path_factory.mktemp("off")))
-    fleet.setup()
-    yield fleet
-    fleet.teardown()
-
-
-def run_inputs(fleet: Fleet, endpoint_params: EndpointParams, claim: ClaimCredentials,
-               tmp_path: Path, **overrides: object) -> DeviceInputs:
-    serial = str(overrides.pop("serial", f"sn{secrets.token_hex(4)}"))
-    values: dict[str, object] = {
-        "endpoint": endpoint_params, "claim": claim, "template_name": fleet.template_name,
-        "flow": "trusted-user" if claim.temporary else "claim",
-        "parameters": {SERIAL_PARAMETER: serial}, "serial": serial,
-        "client_id": f"{serial}-claim", "workdir": tmp_path / serial, "timeout_s": 60}
-    values.update(overrides)
-    return DeviceInputs(**values)  # type: ignore[arg-type]
+disabled_fleet = disabled_fleet_fixture("-sr")
 
 
 # --------------------------------------------------------------------------- expect-style waits

@@ -57,6 +57,9 @@ class AdminState:
     get_hooks: Callable[[], Mapping[str, str]]
     set_hooks: Callable[[Mapping[str, str]], None]
     reset: Callable[[], None]
+    #: More ``/_fleetbench/`` routes, each added by ``extension(app)`` after these ones
+    #: (faults and quotas: :func:`harness.emulator.admin_faults.fault_routes`).
+    extensions: tuple[Callable[[web.Application], None], ...] = ()
 
 
 @dataclass
@@ -82,6 +85,8 @@ def add_admin_routes(
     app.router.add_get(f"{PREFIX}/hooks", _get_hooks)
     app.router.add_put(f"{PREFIX}/hooks", _put_hooks)
     app.router.add_post(f"{PREFIX}/reset", _reset)
+    for extension in state.extensions:
+        extension(app)
 
 
 async def _on_shutdown(app: web.Application) -> None:

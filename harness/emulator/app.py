@@ -18,12 +18,16 @@ from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from harness import pki
 from harness.clock import Clock
+from harness.emulator.quotas import QuotaSet
 from harness.endpoint_info import EndpointInfo
 from harness.observations import ObservationLog
+
+if TYPE_CHECKING:
+    from harness.emulator.faults import FaultPlan
 
 log = logging.getLogger("fleetbench.emulator")
 
@@ -53,6 +57,10 @@ class EmulatorConfig:
     durability: str = "NORMAL"
     #: Seconds a pre-provisioning hook may take (AWS's Lambda limit is 5 s, spec fleet §4).
     hook_timeout: float = 5.0
+    #: Request-rate quotas (``--quotas aws`` = ``QuotaSet.aws()``); empty: none applies.
+    quotas: QuotaSet = field(default_factory=QuotaSet)
+    #: Fault plan in force from the start (``--faults plan.yaml``); the admin API may replace it.
+    faults: FaultPlan | None = None
 
 
 def _server_names(config: EmulatorConfig) -> list[str]:
@@ -110,14 +118,18 @@ class Emulator:
         self.broker: Any = None
         self.provisioning: Any = None
         self.hook_targets: Any = None
+        self.quotas: Any = None
+        self.faults: Any = None
 
     # -- composition -------------------------------------------------------------------------
     def _build(self) -> None:
         from harness.emulator import hooks as hooks_mod
         from harness.emulator.broker_settings import BrokerSettings
+        from harness.emulator.faults import FaultingHookRunner, FaultInjector
         from harness.emulator.mqtt.server import Broker
         from harness.emulator.policy import parse_policy
         from harness.emulator.provisioning import ProvisioningService
+        from harness.emulator.quotas import QuotaEnforcer
         from harness.emulator.registry import Registry
         from harness.emulator.registry.settings import RegistrySettings
         from harness.emulator.templates import validate_template_body
@@ -145,6 +157,12 @@ class Emulator:
             region=self.config.region,
             account_id=self.config.account_id,
         )
+        self.quotas = QuotaEnforcer(self.config.quotas, clock=self.clock,
+                                    observations=self.observations)
+        self.quotas.bind_broker(self.broker)  # Connect quotas are the broker's limiters
+        self.faults = FaultInjector(self.config.faults, observations=self.observations)
+        self.faults.bind(disconnect=self.broker.disconnect, restart=self.broker.restart)
+        self.broker.handshake_gate = self.faults.handshake_stall
         self.hook_targets = hooks_mod.HookTargets()
         for arn, target in self.config.hooks.items():
             self.hook_targets.set(arn, target)
@@ -154,13 +172,16 @@ class Emulator:
             ca=self.ca,
             clock=self.clock,
             observations=self.observations,
-            hooks=hooks_mod.HookRunner(self.hook_targets, timeout=self.config.hook_timeout),
+            hooks=FaultingHookRunner(self.hook_targets, faults=self.faults,
+                                     timeout=self.config.hook_timeout),
             executor=self.executor,
             region=self.config.region,
             account_id=self.config.account_id,
             key_pool_size=self.config.key_pool_size,
             key_pool_workers=self.config.key_pool_workers,
             data_dir=self.data_dir,
+            quotas=self.quotas,
+            faults=self.faults,
         )
 
     def backend(self) -> Any:
@@ -174,6 +195,7 @@ class Emulator:
         from aiohttp import web
 
         from harness.emulator.admin import AdminState
+        from harness.emulator.admin_faults import fault_routes
         from harness.emulator.controlplane import build_app
 
         loop = asyncio.get_running_loop()
@@ -186,6 +208,7 @@ class Emulator:
             get_hooks=self.hook_targets.as_dict,
             set_hooks=self.hook_targets.replace,
             reset=self.reset,
+            extensions=(fault_routes(self.faults, self.quotas),),
         )
         app = build_app(
             self.backend(),
@@ -194,6 +217,7 @@ class Emulator:
             admin=admin,
             api_token=self.config.api_token,
             executor=self.executor,
+            gate=self._control_plane_gate,
         )
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
@@ -219,12 +243,19 @@ class Emulator:
         log.info("event=listening mqtt=%s:%d api=%s", mqtt_host, mqtt_port, self.info.api_url)
         return self.info
 
+    async def _control_plane_gate(self, operation: str, params: Mapping[str, Any]) -> None:
+        """Issue 10: faults first (a rejected call uses no quota), then the quota."""
+        await self.faults.on_control_plane(operation, params)
+        self.quotas.check_control_plane(operation)
+
     def reset(self) -> None:
         """Empty the account (admin API): registry, sessions, retained messages, observations."""
         self.registry.reset()
         self.observations.clear()
 
     async def stop(self) -> None:
+        if self.faults is not None:
+            await self.faults.close()  # no broker restart after this
         if self.broker is not None:
             await self.broker.stop()
         if self.provisioning is not None:
@@ -275,8 +306,15 @@ class EmbeddedEmulator:
                 loop.run_until_complete(self.emulator.start())
             except BaseException as exc:  # reported to the starting thread
                 failure.append(exc)
-                ready.set()
-                loop.close()
+                try:  # release what did start: key workers, threads, a temp dir
+                    loop.run_until_complete(self.emulator.stop())
+                except Exception:
+                    log.exception("event=stop_after_failed_start_failed")
+                finally:
+                    loop.close()
+                    self._loop = None  # stop() after a failed start has nothing to do
+                    self._stopped.set()
+                    ready.set()
                 return
             ready.set()
             try:

@@ -778,6 +778,9 @@ class Authenticator:
 # --------------------------------------------------------------------------- application
 
 
+Gate = Callable[[str, Mapping[str, Any]], Awaitable[None]]
+
+
 @dataclass(frozen=True)
 class ControlPlane:
     """What the request handlers share (stored on the aiohttp application)."""
@@ -790,6 +793,9 @@ class ControlPlane:
     region: str
     account_id: str
     observations: ObservationLog | None = None
+    #: Awaited with the operation name and its parsed (wire-named) input before the backend
+    #: runs: quotas and fault injection (issue 10) raise an AwsError or delay here.
+    gate: Gate | None = None
 
 
 CONTROL_PLANE = web.AppKey("fleetbench.controlplane", ControlPlane)
@@ -844,6 +850,8 @@ async def _dispatch(request: web.Request) -> web.StreamResponse:
     if method is None:
         raise NotImplementedException(
             f"Operation {name} is not implemented by the fleetbench emulator")
+    if plane.gate is not None:
+        await plane.gate(name, params)
     kwargs = {snake(k): v for k, v in params.items()}
     loop = asyncio.get_running_loop()
     result = await loop.run_in_executor(plane.executor, functools.partial(method, **kwargs))
@@ -861,11 +869,13 @@ def build_app(
     api_token: str | None = None,
     executor: Executor | None = None,
     key_pairs: Mapping[str, str] | None = None,
+    gate: Gate | None = None,
 ) -> web.Application:
     """The control-plane HTTP application (admin routes first, then every ``iot`` route).
 
     ``executor`` runs the synchronous backend methods (None: the loop's default
     executor). ``api_token``/``key_pairs`` switch authentication on (module docstring).
+    ``gate`` is awaited before each operation (quotas and faults, issue 10).
     """
     app = web.Application(middlewares=[_boundary])
     app[CONTROL_PLANE] = ControlPlane(
@@ -877,6 +887,7 @@ def build_app(
         region=region,
         account_id=account_id,
         observations=admin.observations if admin is not None else None,
+        gate=gate,
     )
     if admin is not None:
         from harness.emulator.admin import add_admin_routes

@@ -96,7 +96,9 @@ from harness.protocol import (
 )
 
 if TYPE_CHECKING:
+    from harness.emulator.faults import FaultInjector
     from harness.emulator.mqtt.server import ApiRequest, Broker
+    from harness.emulator.quotas import QuotaEnforcer
     from harness.emulator.registry.results import TemplateDescription
 
 log = logging.getLogger("fleetbench.provisioning")
@@ -167,6 +169,8 @@ class ProvisioningService:
         key_pool_workers: int = 1,
         data_dir: Path | None = None,
         settings: ProvisioningSettings | None = None,
+        quotas: QuotaEnforcer | None = None,
+        faults: FaultInjector | None = None,
     ) -> None:
         self.registry = registry
         self.broker = broker
@@ -178,6 +182,8 @@ class ProvisioningService:
         self.region = region
         self.account_id = account_id
         self.settings = settings or ProvisioningSettings()
+        self.quotas = quotas  # issue 10: per-API token buckets (429 ThrottlingException)
+        self.faults = faults  # issue 10: fault decision points around each request
         self.keys = KeyPool(key_pool_size, key_pool_workers, observations=observations)
         if data_dir is not None:
             self.tokens = TokenAuthority.load_or_create(
@@ -231,8 +237,20 @@ class ProvisioningService:
                      request.client_id)
             return
         caller = self._caller(request)
+        fault = self.faults.on_request(parsed.api.value, client_id=caller.client_id,
+                                       certificate_id=caller.certificate_id,
+                                       template=parsed.template_name) \
+            if self.faults is not None else None
+        if fault is not None and await fault.before():  # disconnected, broker restarting
+            return
+        refusal = fault.rejection if fault is not None else None
+        if refusal is None and self.quotas is not None:
+            refusal = self.quotas.check_mqtt(parsed.api.value, client_id=caller.client_id,
+                                             certificate_id=caller.certificate_id)
         response: protocol.Response | ErrorResponse
         try:
+            if refusal is not None:
+                raise refusal
             response = await self.dispatch(parsed, caller, request.payload)
         except ProvisioningError as error:
             response = ErrorResponse.from_error(error)
@@ -255,6 +273,8 @@ class ProvisioningService:
                           errorMessage=response.error_message)
         self.observations.record(Kind.API_RESPONSE, client_id=caller.client_id,
                                  certificate_id=caller.certificate_id, **detail)
+        if fault is not None and not await fault.after():  # answer dropped or cut off
+            return
         try:
             await request.reply(topic, protocol.encode(response, parsed.fmt))
         except Exception:  # the connection went away meanwhile: nothing to tell anyone

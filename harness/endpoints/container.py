@@ -94,7 +94,6 @@ class ContainerEndpoint(EmulatedEndpoint):
         super().__init__(info, api_token=api_token)
         self.container = container
         self.workdir = workdir
-        self._closed = False
 
     @classmethod
     def start(cls, image: str = DEFAULT_IMAGE, *, build: bool = True,
@@ -145,15 +144,10 @@ class ContainerEndpoint(EmulatedEndpoint):
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "container": self.container.get_container_id()}
 
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            super().close()
-        finally:
-            _stop(self.container)
-            shutil.rmtree(self.workdir, ignore_errors=True)
+    def _stop_emulator(self) -> None:
+        """Stop and remove the container and its workdir."""
+        _stop(self.container)
+        shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 def _read(container: Any, path: str) -> str:

@@ -54,7 +54,8 @@ def emulator_session(info: EndpointInfo, api_token: str | None) -> boto3.Session
 
 
 class EmulatedEndpoint(Endpoint):
-    """An emulator known by its ``endpoint.json``; subclasses own the process behind it."""
+    """An emulator known by its ``endpoint.json``; subclasses own the process behind it
+    and stop it in :meth:`_stop_emulator`."""
 
     supports_emulator_extensions: ClassVar[bool] = True
 
@@ -76,6 +77,7 @@ class EmulatedEndpoint(Endpoint):
         self.admin = AdminClient(info.api_url, api_token=api_token)
         self._clock = RemoteClock(self.admin)
         self._observer: EmulatorObserver | None = None
+        self._closed = False
 
     @property
     def api_url(self) -> str:
@@ -113,7 +115,18 @@ class EmulatedEndpoint(Endpoint):
         return {**super().describe(), "api_url": self.info.api_url}
 
     def close(self) -> None:
-        with self._lock:
-            observer, self._observer = self._observer, None
-        if observer is not None:
-            observer.close()
+        """Close the observer, then stop the emulator even if that failed; only the first
+        call does anything."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            with self._lock:
+                observer, self._observer = self._observer, None
+            if observer is not None:
+                observer.close()
+        finally:
+            self._stop_emulator()
+
+    def _stop_emulator(self) -> None:
+        """Stop what this endpoint started (the subclass's process or container)."""

@@ -103,7 +103,6 @@ class LocalEndpoint(EmulatedEndpoint):
         self.data_dir = data_dir
         self._owns_data_dir = owns_data_dir
         self.stderr_path = stderr_path
-        self._closed = False
 
     @classmethod
     def start(cls, *, mode: EmulatorMode | str = EmulatorMode.SUBPROCESS,
@@ -187,22 +186,16 @@ class LocalEndpoint(EmulatedEndpoint):
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "mode": self.mode.value}
 
-    def close(self) -> None:
+    def _stop_emulator(self) -> None:
         """Stop the emulator (SIGTERM, then SIGKILL) and remove a temporary data dir."""
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            super().close()
-        finally:
-            if self.process is not None:
-                code = _stop_process(self.process)
-                if code not in (0, -signal.SIGTERM, None):
-                    log.warning("event=emulator_exit status=%s", code)
-            if self._embedded is not None:
-                self._embedded.stop()
-            if self._owns_data_dir:
-                shutil.rmtree(self.data_dir, ignore_errors=True)
+        if self.process is not None:
+            code = _stop_process(self.process)
+            if code not in (0, -signal.SIGTERM, None):
+                log.warning("event=emulator_exit status=%s", code)
+        if self._embedded is not None:
+            self._embedded.stop()
+        if self._owns_data_dir:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
 
 
 def _stop_process(process: subprocess.Popen[bytes], timeout: float = STOP_TIMEOUT_S) -> int | None:

@@ -233,6 +233,16 @@ class Broker:
         self._stopped = False
         self._listener: Callable[[Any], None] | None = None
         self._port = 0
+        self._host = "127.0.0.1"
+        self._watching_clock = False
+        self._gate_socket: socket.socket | None = None
+        self._stalled: dict[socket.socket, asyncio.TimerHandle] = {}
+        self._handshakes: set[asyncio.Task[Any]] = set()
+        #: Set before :meth:`start` to hold new connections' TLS handshakes back (fault
+        #: injection): called with the peer's IP address, returns the seconds to wait
+        #: (0: none). With a gate the broker accepts sockets itself and hands them to
+        #: ``loop.connect_accepted_socket`` (same TLS and protocol path, no measurable cost).
+        self.handshake_gate: Callable[[str], float] | None = None
 
     # -- public API ------------------------------------------------------------------------------
 
@@ -246,24 +256,46 @@ class Broker:
         return self._ssl_context
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
-        """Listen on ``host:port`` (0 = a free port); returns the bound port."""
+        """Listen on ``host:port`` (0 = a free port); returns the bound port. After
+        :meth:`stop` it may be called again (see :meth:`restart`)."""
         loop = self._loop = asyncio.get_running_loop()
+        self._stopped = False
+        self.auth.invalidate()  # after a restart: registry events were not heard while down
         anchors = self._trust_anchors()
         self._ssl_context = await loop.run_in_executor(None, self._build_ssl_context, anchors)
         self._anchors = anchors
         on_event = weakref.WeakMethod(self._registry_event_threadsafe)
-        on_advance = weakref.WeakMethod(self._clock_advanced_threadsafe)
         self._listener = lambda event: _call_weak(on_event, event)
         self.directory.add_listener(self._listener)
-        self.clock.on_advance(lambda now: _call_weak(on_advance, now))
-        self._server = await loop.create_server(
-            lambda: _Link(self), host, port, ssl=self._ssl_context, reuse_address=True,
-            ssl_handshake_timeout=self.settings.tls_handshake_timeout,
-            ssl_shutdown_timeout=5.0, backlog=1024,
-        )
-        self._port = self._server.sockets[0].getsockname()[1]
+        if not self._watching_clock:
+            on_advance = weakref.WeakMethod(self._clock_advanced_threadsafe)
+            self.clock.on_advance(lambda now: _call_weak(on_advance, now))
+            self._watching_clock = True
+        if self.handshake_gate is None:
+            self._server = await loop.create_server(
+                lambda: _Link(self), host, port, ssl=self._ssl_context, reuse_address=True,
+                ssl_handshake_timeout=self.settings.tls_handshake_timeout,
+                ssl_shutdown_timeout=5.0, backlog=1024,
+            )
+            self._port = self._server.sockets[0].getsockname()[1]
+        else:
+            self._port = await self._listen_gated(host, port)
+        self._host = host
+        self._schedule_expiry()
         log.info("event=broker_listening host=%s port=%d", host, self._port)
         return self._port
+
+    async def restart(self, down_seconds: float = 0.0) -> int:
+        """:meth:`stop`, stay down ``down_seconds``, listen again on the same host and port.
+
+        Every connection is dropped (no Will, no lifecycle event, as in :meth:`stop`);
+        persistent sessions, retained messages and the registry are kept.
+        """
+        await self.stop()
+        if down_seconds > 0:
+            await asyncio.sleep(down_seconds)
+        log.info("event=broker_restart down_s=%.3f", down_seconds)
+        return await self.start(self._host, self._port)
 
     async def stop(self) -> None:
         """Close the listener and every connection (SERVER_INITIATED_DISCONNECT, MQTT 5
@@ -274,6 +306,7 @@ class Broker:
             remove(self._listener)
         if self._server is not None:
             self._server.close()
+        self._close_gated()
         for link in list(self._links):
             link.quiet = True
             self._close(link, DisconnectReason.SERVER_INITIATED_DISCONNECT,
@@ -285,6 +318,8 @@ class Broker:
             self._expiry_timer.cancel()
         for task in list(self._api_tasks):
             task.cancel()
+        for handshake in list(self._handshakes):
+            handshake.cancel()
         if self._server is not None:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._server.wait_closed(), 5.0)
@@ -412,6 +447,80 @@ class Broker:
                 self._ssl_context = f.result()
 
         future.add_done_callback(installed)
+
+    # -- gated handshakes (handshake_gate) ------------------------------------------------------
+
+    async def _listen_gated(self, host: str, port: int) -> int:
+        """Listen on a socket of our own: each accepted socket may wait before its TLS
+        handshake (its ClientHello stays unread in the kernel meanwhile)."""
+        assert self._loop is not None
+        infos = await self._loop.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                             flags=socket.AI_PASSIVE)
+        family, kind, proto, _, address = infos[0]
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+            sock.listen(1024)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        self._gate_socket = sock
+        self._loop.add_reader(sock.fileno(), self._accept_gated)
+        return int(sock.getsockname()[1])
+
+    def _accept_gated(self) -> None:
+        listener = self._gate_socket
+        gate = self.handshake_gate
+        if listener is None or self._loop is None:
+            return
+        while True:
+            try:
+                sock, peer = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # e.g. EMFILE: leave it for the next readiness
+                log.warning("event=accept_failed error=%s", exc)
+                return
+            sock.setblocking(False)
+            try:
+                wait = gate(str(peer[0])) if gate is not None else 0.0
+            except Exception:  # a faulty gate must not stop the listener
+                log.exception("event=handshake_gate_failed")
+                wait = 0.0
+            if wait > 0:
+                self._stalled[sock] = self._loop.call_later(wait, self._start_tls, sock)
+            else:
+                self._start_tls(sock)
+
+    def _start_tls(self, sock: socket.socket) -> None:
+        self._stalled.pop(sock, None)
+        if self._stopped or self._loop is None:
+            sock.close()
+            return
+        task = self._loop.create_task(self._loop.connect_accepted_socket(
+            lambda: _Link(self), sock, ssl=self._ssl_context,
+            ssl_handshake_timeout=self.settings.tls_handshake_timeout,
+            ssl_shutdown_timeout=5.0))
+        self._handshakes.add(task)
+        task.add_done_callback(self._handshake_done)
+
+    def _handshake_done(self, task: asyncio.Task[Any]) -> None:
+        self._handshakes.discard(task)
+        if not task.cancelled() and task.exception() is not None:  # recorded by the SSL object
+            log.debug("event=tls_failed error=%r", task.exception())
+
+    def _close_gated(self) -> None:
+        sock, self._gate_socket = self._gate_socket, None
+        if sock is not None:
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.remove_reader(sock.fileno())
+            sock.close()
+        for waiting, handle in list(self._stalled.items()):
+            handle.cancel()
+            waiting.close()
+        self._stalled.clear()
 
     # -- accepted sockets ------------------------------------------------------------------------
 
