@@ -312,14 +312,12 @@ def start_mosquitto(workdir: Path, bench_pki: BenchPki) -> BrokerProcess:
 
 
 def emulator_command(data_dir: Path, settings: Mapping[str, Any]) -> list[str]:
-    """``fleetbench emulator`` on free ports; through this module's launcher when broker
-    settings must differ from AWS's defaults (the CLI has no option for them yet)."""
-    if not settings:
-        return [sys.executable, "-m", "harness.cli", "emulator", "--mqtt-port", "0",
-                "--api-port", "0", "--data-dir", str(data_dir), "--log-level", "WARNING"]
-    cmd = [sys.executable, "-m", "bench.common", "serve-emulator", "--data-dir", str(data_dir)]
+    """``fleetbench emulator`` on free ports, with broker settings that differ from AWS's
+    defaults passed as ``--broker-setting NAME=JSON``."""
+    cmd = [sys.executable, "-m", "harness.cli", "emulator", "--mqtt-port", "0",
+           "--api-port", "0", "--data-dir", str(data_dir), "--log-level", "WARNING"]
     for name, value in settings.items():
-        cmd += ["--setting", f"{name}={json.dumps(value)}"]
+        cmd += ["--broker-setting", f"{name}={json.dumps(value)}"]
     return cmd
 
 
@@ -436,43 +434,6 @@ def tls_note(started: Mapping[str, BrokerProcess]) -> str:
     """One report line naming the negotiated TLS version and cipher per broker."""
     return "TLS: " + ", ".join(f"{name} {tls_parameters(b.target)}"
                                for name, b in started.items())
-
-
-def serve_emulator(argv: Sequence[str]) -> int:
-    """``python -m bench.common serve-emulator --data-dir D --setting NAME=JSON ...``: what
-    ``fleetbench emulator --mqtt-port 0 --api-port 0`` does, with broker settings overridden."""
-    import argparse
-
-    from harness.emulator.app import Emulator, EmulatorConfig
-
-    parser = argparse.ArgumentParser(prog="bench.common serve-emulator")
-    parser.add_argument("--data-dir", type=Path, required=True)
-    parser.add_argument("--setting", action="append", default=[], metavar="NAME=JSON")
-    args = parser.parse_args(argv)
-    overrides: dict[str, Any] = {}
-    for item in args.setting:
-        name, sep, value = item.partition("=")
-        if not sep:
-            parser.error(f"--setting expects NAME=JSON, got {item!r}")
-        overrides[name] = json.loads(value)
-    config = EmulatorConfig(mqtt_port=0, api_port=0, data_dir=args.data_dir,
-                            broker_overrides=overrides)
-    raise_nofile()
-
-    async def main() -> None:
-        emulator = Emulator(config)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await emulator.start()
-        try:
-            await stop.wait()
-        finally:
-            await emulator.stop()
-
-    run_loop(main())
-    return 0
 
 
 # -- the load generator's MQTT client ---------------------------------------------------------
@@ -984,9 +945,3 @@ def use_brokers(options: Options, settings: Mapping[str, Any], cpus: Sequence[in
     with workdir(options.keep_dir) as directory, \
             brokers(directory, options.brokers, emulator_settings=settings, cpus=cpus) as fresh:
         yield fresh
-
-
-if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "serve-emulator":
-        sys.exit(serve_emulator(sys.argv[2:]))
-    sys.exit("usage: python -m bench.common serve-emulator --data-dir D [--setting NAME=JSON]")

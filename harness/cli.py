@@ -56,6 +56,34 @@ def _positive(text: str) -> int:
     return value
 
 
+def _parse_broker_setting(spec: str) -> tuple[str, object]:
+    """``NAME=VALUE`` for one :class:`BrokerSettings` field; VALUE is JSON (``true``, ``5``,
+    ``null``, ``"x"``) or a bare string, converted to the field's enum where it has one."""
+    import dataclasses
+    import enum
+
+    from harness.emulator.broker_settings import BrokerSettings
+
+    name, sep, raw = spec.partition("=")
+    fields = {f.name: f for f in dataclasses.fields(BrokerSettings)}
+    if not sep or name not in fields:
+        raise argparse.ArgumentTypeError(
+            f"--broker-setting expects NAME=VALUE with NAME a BrokerSettings field, got {spec!r}")
+    try:
+        value: object = json.loads(raw)
+    except ValueError:
+        value = raw
+    default = getattr(BrokerSettings(), name)
+    try:
+        if isinstance(default, enum.Enum):
+            value = type(default)(value)
+        elif isinstance(default, tuple) and isinstance(value, list):
+            value = tuple(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--broker-setting {name}: {exc}") from exc
+    return name, value
+
+
 def add_emulator_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("emulator", help="run the emulated AWS IoT endpoint in the foreground")
     p.add_argument("--host", default="127.0.0.1", help="MQTT bind address (default 127.0.0.1)")
@@ -89,7 +117,24 @@ def add_emulator_parser(sub: argparse._SubParsersAction) -> None:  # type: ignor
     p.add_argument("--faults", type=Path, default=None, metavar="PLAN.yaml",
                    help="fault plan to apply from the start (see docs/faults-and-quotas.md); "
                         "a bad plan is refused with its file:line")
+    p.add_argument("--broker-setting", action="append", default=[], type=_parse_broker_setting,
+                   metavar="NAME=VALUE",
+                   help="set one BrokerSettings field (limits and the switches listed in README's "
+                        "'Where the emulator guesses'), e.g. publish_rate_per_connection=null")
     p.add_argument("--log-level", default="INFO")
+
+
+def _raise_open_file_limit() -> None:
+    """A broker holds one descriptor per connection: lift the soft limit toward the hard one."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        target = min(hard if hard != resource.RLIM_INFINITY else 1 << 20, 1 << 20)
+        if soft < target:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ImportError, ValueError, OSError):
+        pass
 
 
 def run_emulator(args: argparse.Namespace) -> int:
@@ -106,7 +151,10 @@ def run_emulator(args: argparse.Namespace) -> int:
     if args.api_host not in ("127.0.0.1", "localhost", "::1") and not args.api_token:
         print("fleetbench: warning: control plane exposed beyond loopback without --api-token",
               file=sys.stderr)
-    overrides = {"explain_refusals": True} if args.explain_refusals else {}
+    _raise_open_file_limit()
+    overrides: dict[str, object] = dict(args.broker_setting)
+    if args.explain_refusals:
+        overrides["explain_refusals"] = True
     config = EmulatorConfig(
         host=args.host,
         mqtt_port=args.mqtt_port,
