@@ -22,3 +22,14 @@ def test_readme_names_the_test_command_ci_runs() -> None:
     command = "python3 -m pytest -n auto -q"
     assert command in README
     assert command in ci
+
+
+def test_readme_fault_plan_example_loads(tmp_path: Path) -> None:
+    from harness.emulator.faults import load_fault_plan
+
+    start = README.index("```yaml\nseed:")
+    text = README[start + len("```yaml\n"):README.index("```", start + 7)]
+    plan_file = tmp_path / "plan.yaml"
+    plan_file.write_text(text)
+    plan = load_fault_plan(plan_file)
+    assert len(plan.rules) == 2
