@@ -5,7 +5,9 @@ run's inputs (``{endpoint}``, ``{port}``, ``{ca_file}``, ``{claim_cert}``, ``{cl
 ``{template}``, ``{serial}``, ``{param:NAME}``, ``{workdir}``... see
 :data:`devices.placeholders.RUN_PLACEHOLDERS`; the process device adds ``{endpoint_file}``,
 an ``endpoint.json`` it writes for programs that read one, and ``{cut_at}``). stdout and
-stderr are captured, line by line with timestamps, as the device log. A timeout kills
+stderr are captured, line by line with timestamps, as the device log. ``param_args`` are
+repeated once per template parameter (``{name}``, ``{value}``), so that a command passes
+every parameter the run gives, whatever their names. A timeout kills
 the process group, so helpers the program started go too.
 
 What the program reports: a program that prints a fleetbench JSON result on stdout (as
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import tempfile
@@ -81,6 +84,14 @@ DEFAULT_COMMAND: tuple[str, ...] = (
     "--mqtt", "{mqtt}", "--timeout", "{timeout}", "--log-level", "INFO",
 )
 DEFAULT_CUT_ARGS: tuple[str, ...] = ("--cut-at", "{cut_at}")
+#: Placeholders of ``param_args``: the process device's, plus the parameter's.
+PARAM_ARG_PLACEHOLDERS: Mapping[str, str] = MappingProxyType({
+    **PROCESS_PLACEHOLDERS,
+    "name": "the template parameter's name",
+    "value": "the template parameter's value",
+})
+#: What the reference command repeats per template parameter (virtual_main's ``--param``).
+DEFAULT_PARAM_ARGS: tuple[str, ...] = ("--param", "{name}={value}")
 #: Seconds between SIGTERM and SIGKILL when a run times out.
 KILL_GRACE_S = 2.0
 #: Seconds to wait for the output pipes to close once the program has exited (a
@@ -111,7 +122,9 @@ class ProcessOptions:
     to the inherited environment (``inherit_env=False``: only these and ``PATH``).
     ``cwd`` defaults to the run's workdir. ``milestones`` and ``failures`` map names to
     regular expressions over the program's output; ``fault_points`` map fault points to
-    the pattern that triggers a kill; ``cut_args`` are added when a cut is armed.
+    the pattern that triggers a kill; ``cut_args`` are added when a cut is armed;
+    ``param_args`` are added once per template parameter, with ``{name}`` and ``{value}``
+    (the reference command's default: :data:`DEFAULT_PARAM_ARGS`).
     ``timeout_s`` (default: the run's) bounds the program. ``config_file`` loads all of
     this from a YAML file instead (then give no other option).
     """
@@ -125,6 +138,7 @@ class ProcessOptions:
     failures: Mapping[str, str] = field(default_factory=dict)
     fault_points: Mapping[str, str] = field(default_factory=dict)
     cut_args: tuple[str, ...] = ()
+    param_args: tuple[str, ...] = ()
     timeout_s: float | None = None
     kill_grace_s: float = KILL_GRACE_S
     config_file: Path | None = None
@@ -135,6 +149,7 @@ class ProcessOptions:
         if not isinstance(self.command, str):
             set_(self, "command", tuple(self.command))
         set_(self, "cut_args", tuple(self.cut_args))
+        set_(self, "param_args", tuple(self.param_args))
         set_(self, "result", coerce_enum(ResultMode, self.result, "result"))
         set_(self, "env", _pattern_map(self.env, "env"))
         set_(self, "milestones", _pattern_map(self.milestones, "milestones"))
@@ -151,7 +166,7 @@ class ProcessOptions:
 # --------------------------------------------------------------------------- config file
 
 _FILE_KEYS = ("command", "env", "cwd", "inherit_env", "result", "milestones", "failures",
-              "fault_points", "cut_args", "timeout", "description")
+              "fault_points", "cut_args", "param_args", "timeout", "description")
 
 
 def _regex_map(node: ConfigNode) -> dict[str, str]:
@@ -185,8 +200,9 @@ def load_process_options(path: Path | str) -> ProcessOptions:
         node = entries["fault_points"]
         node.mapping(allowed=tuple(p.value for p in FaultPoint))
         kwargs["fault_points"] = _regex_map(node)
-    if "cut_args" in entries:
-        kwargs["cut_args"] = tuple(n.string() for n in entries["cut_args"].sequence())
+    for key in ("cut_args", "param_args"):
+        if key in entries:
+            kwargs[key] = tuple(n.string() for n in entries[key].sequence())
     if "timeout" in entries:
         kwargs["timeout_s"] = entries["timeout"].number(positive=True)
     try:
@@ -209,6 +225,7 @@ class _Compiled:
     env: Mapping[str, Template]
     cwd: Template | None
     cut_args: tuple[Template, ...]
+    param_args: tuple[Template, ...]
     milestones: tuple[Expectation, ...]
     failures: tuple[Expectation, ...]
     faults: tuple[Expectation, ...]
@@ -218,8 +235,8 @@ def _compile(options: ProcessOptions) -> _Compiled:
     names = PROCESS_PLACEHOLDERS
     where = options.source or "process device"
 
-    def template(text: str, key: str) -> Template:
-        return Template(text, names, where=f"{where}: {key}")
+    def template(text: str, key: str, allowed: Mapping[str, str] = names) -> Template:
+        return Template(text, allowed, where=f"{where}: {key}")
 
     def expectations(patterns: Mapping[str, str], key: str) -> tuple[Expectation, ...]:
         out = []
@@ -238,12 +255,15 @@ def _compile(options: ProcessOptions) -> _Compiled:
         raw = options.command or DEFAULT_COMMAND
         command, shell = tuple(template(a, f"command[{i}]") for i, a in enumerate(raw)), False
     cut_args = options.cut_args or (DEFAULT_CUT_ARGS if not options.command else ())
+    param_args = options.param_args or (DEFAULT_PARAM_ARGS if not options.command else ())
     return _Compiled(
         command=command,
         shell=shell,
         env={k: template(v, f"env.{k}") for k, v in options.env.items()},
         cwd=template(options.cwd, "cwd") if options.cwd else None,
         cut_args=tuple(template(a, f"cut_args[{i}]") for i, a in enumerate(cut_args)),
+        param_args=tuple(template(a, f"param_args[{i}]", PARAM_ARG_PLACEHOLDERS)
+                         for i, a in enumerate(param_args)),
         milestones=expectations(options.milestones, "milestones"),
         failures=expectations(options.failures, "failures"),
         faults=tuple(Expectation(f"fault:{e.name}", e.pattern)
@@ -340,19 +360,26 @@ class ProcessDevice:
         """The argument list a run with ``inputs`` would execute (raises on a placeholder
         the run cannot fill)."""
         workdir = inputs.workdir or Path(tempfile.gettempdir())
-        return self._argv(self._values(inputs, workdir, self._armed), self._armed, redacted)
+        return self._argv(self._values(inputs, workdir, self._armed), inputs.parameters,
+                          self._armed, redacted)
 
-    def _argv(self, values: Values, cut: FaultPoint | None, redacted: bool) -> list[str]:
+    def _argv(self, values: Values, parameters: Mapping[str, str], cut: FaultPoint | None,
+              redacted: bool) -> list[str]:
         c = self._compiled
-        parts = list(c.command)
-        if cut is not None and c.cut_args and not c.shell:
-            parts += list(c.cut_args)
-        rendered = [(t.render_redacted(values) if redacted else t.render(values)) for t in parts]
+
+        def render(template: Template, filled: Values) -> str:
+            return template.render_redacted(filled) if redacted else template.render(filled)
+
+        per_param = [render(t, values.extended(name=name, value=value))
+                     for name, value in parameters.items() for t in c.param_args]
         if c.shell:
-            extra = ""
+            extra = "".join(" " + shlex.quote(arg) for arg in per_param)
             if cut is not None and c.cut_args:
-                extra = " " + " ".join(t.render(values) for t in c.cut_args)
-            return ["/bin/sh", "-c", rendered[0] + extra]
+                extra += " " + " ".join(t.render(values) for t in c.cut_args)
+            return ["/bin/sh", "-c", render(c.command[0], values) + extra]
+        rendered = [render(t, values) for t in c.command] + per_param
+        if cut is not None and c.cut_args:
+            rendered += [render(t, values) for t in c.cut_args]
         return rendered
 
     def _environment(self, values: Values) -> dict[str, str]:
@@ -368,8 +395,8 @@ class ProcessDevice:
         values = self._values(inputs, workdir, cut)
         # Everything is rendered before anything starts: a placeholder the run cannot fill
         # raises PlaceholderError here.
-        argv = self._argv(values, cut, redacted=False)
-        shown = " ".join(self._argv(values, cut, redacted=True))
+        argv = self._argv(values, inputs.parameters, cut, redacted=False)
+        shown = " ".join(self._argv(values, inputs.parameters, cut, redacted=True))
         env = self._environment(values)
         cwd = Path(self._compiled.cwd.render(values)) if self._compiled.cwd else workdir
         if not cwd.is_dir():

@@ -32,11 +32,11 @@ import tempfile
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, fields
 from enum import Enum
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from harness.admin_client import AdminClient
 from harness.epoch import epoch_seconds
@@ -46,6 +46,10 @@ log = logging.getLogger("fleetbench.observer")
 
 #: Default time a trace waits for the step it is waiting for.
 DEFAULT_TRACE_TIMEOUT_S = 15.0
+#: Longest a wait blocks between two checks of its condition.
+WAIT_SLICE_S = 2.0
+
+T = TypeVar("T")
 
 
 class StepKind(str, Enum):
@@ -70,9 +74,11 @@ class TraceStep:
     certificate_id: str | None
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain values only (``step`` is the kind's name): records cross process boundaries
+        (pytest-xdist), which carry no enums."""
         out: dict[str, Any] = {"step": self.kind.value}
-        for name in self.__dataclass_fields__:
-            out[name] = getattr(self, name)
+        for f in fields(self):  # instance fields: the ``kind`` ClassVar is not one
+            out[f.name] = getattr(self, f.name)
         return out
 
     def describe(self) -> str:
@@ -207,6 +213,8 @@ class Mark:
 
 
 Since = Mark | float | None
+#: What :meth:`Observer.trace` waits for: a step kind, a test of the trace, or nothing.
+Until = StepKind | Callable[[ProvisioningTrace], bool] | None
 
 
 # --------------------------------------------------------------------------- building a trace
@@ -300,6 +308,16 @@ def build_trace(observations: Iterable[Observation], *, client_id: str | None = 
 # --------------------------------------------------------------------------- observers
 
 
+def _finished(until: Until) -> Callable[[ProvisioningTrace], bool]:
+    """``trace(until=...)`` as a test of the trace."""
+    if until is None:
+        return lambda _trace: True
+    if isinstance(until, StepKind):
+        kind = until
+        return lambda trace: trace.has(kind)
+    return until
+
+
 class Observer(ABC):
     """One interface over the emulator's log and AWS's lifecycle events."""
 
@@ -323,23 +341,43 @@ class Observer(ABC):
     def _wait_for_more(self, timeout: float) -> None:
         """Block until something new may have been observed, or ``timeout``."""
 
-    def trace(self, client_id: str | None = None, certificate_id: str | None = None,
-              since: Since = None, timeout: float = DEFAULT_TRACE_TIMEOUT_S,
-              until: StepKind | None = StepKind.RECONNECTED) -> ProvisioningTrace:
-        """The device's provisioning trace, once it shows an ``until`` step or after ``timeout``.
-
-        Never raises for an incomplete trace: the scenario asserts on what it gets.
-        ``until=None`` returns at once; ``until=StepKind.REJECTED`` suits negative flows.
-        """
+    def _poll(self, read: Callable[[], T], done: Callable[[T], bool], timeout: float) -> T:
+        """``read()`` again whenever the endpoint may have seen more, until ``done`` or
+        ``timeout``; its last value either way."""
         deadline = time.monotonic() + timeout
         while True:
-            trace = build_trace(self._collect(client_id, certificate_id, since),
-                                client_id=client_id, certificate_id=certificate_id,
-                                source=self.source)
+            value = read()
             remaining = deadline - time.monotonic()
-            if until is None or trace.has(until) or remaining <= 0:
-                return trace
-            self._wait_for_more(remaining)
+            if done(value) or remaining <= 0:
+                return value
+            # Capped: a check may also depend on what no event announces (the registry).
+            self._wait_for_more(min(remaining, WAIT_SLICE_S))
+
+    def wait_for(self, check: Callable[[], T],
+                 timeout: float = DEFAULT_TRACE_TIMEOUT_S) -> T:
+        """``check()``'s first truthy value, asked again each time the endpoint observes
+        something new; its last (falsy) value after ``timeout``.
+
+        Never raises for a timeout: the caller asserts on what it gets. ``check`` reads
+        the endpoint itself (``observer.events(...)``, ``observer.trace(..., until=None)``).
+        """
+        return self._poll(check, bool, timeout)
+
+    def trace(self, client_id: str | None = None, certificate_id: str | None = None,
+              since: Since = None, timeout: float = DEFAULT_TRACE_TIMEOUT_S,
+              until: Until = StepKind.RECONNECTED) -> ProvisioningTrace:
+        """The device's provisioning trace, once ``until`` holds or after ``timeout``.
+
+        ``until`` is a step kind the trace must show, or a test of the whole trace
+        (``lambda t: len(t.of(StepKind.RECONNECTED)) >= 2``). Never raises for an
+        incomplete trace: the scenario asserts on what it gets. ``until=None`` returns at
+        once; ``until=StepKind.REJECTED`` suits negative flows.
+        """
+        return self._poll(
+            lambda: build_trace(self._collect(client_id, certificate_id, since),
+                                client_id=client_id, certificate_id=certificate_id,
+                                source=self.source),
+            _finished(until), timeout)
 
     def close(self) -> None:  # noqa: B027 - most observers hold nothing
         """Release what the observer holds (connections, credentials)."""
@@ -503,6 +541,7 @@ class AwsObserver(Observer):
         self._events: list[Observation] = []
         self._cond = threading.Condition()
         self._seq = 0
+        self._waited_seq = 0
         self._closed = False
         self._cert_cache: dict[str, tuple[float | None, tuple[str, ...]]] = {}
 
@@ -631,9 +670,12 @@ class AwsObserver(Observer):
                 and (seq is None or o.seq > seq) and (after is None or o.timestamp >= after)]
 
     def _wait_for_more(self, timeout: float) -> None:
+        # Wait for an event newer than the last wait saw: one that came while the caller
+        # was checking ends the wait at once instead of being slept through.
         with self._cond:
-            seen = self._seq
-            self._cond.wait_for(lambda: self._seq != seen, timeout=min(timeout, 2.0))
+            seen = self._waited_seq
+            self._cond.wait_for(lambda: self._seq != seen, timeout=min(timeout, WAIT_SLICE_S))
+            self._waited_seq = self._seq
 
     def _certificate_facts(self, certificate_id: str) -> tuple[float | None, tuple[str, ...]]:
         """(creation time, names of attached things) from the registry, cached once a thing is."""

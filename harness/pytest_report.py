@@ -4,10 +4,16 @@ Outcomes come from the test reports, which pytest-xdist forwards to the controll
 device records and the endpoint's description travel the same way, as the reports'
 ``user_properties`` (``("fleetbench_device", {...})``, ``("fleetbench_endpoint", {...})``),
 so the controller writes one report for all workers.
+
+A report names each device once: a device recorded again (its second boot in a reboot
+scenario, the same serial in two scenarios) gets ``#2``, ``#3``... on its id, in
+``devices`` and in its scenario's ``device_ids`` alike. A report that cannot be written
+is an error message and a non-zero exit status, never a crashed session.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from collections.abc import Mapping
@@ -102,6 +108,11 @@ class RunRecorder:
         self.devices: list[DeviceRecord] = []
         self.endpoint: dict[str, Any] = {}
         self.run_dir: Path | None = None
+        self.error: str | None = None
+        self._device_ids: set[str] = set()
+        #: Per test: how many of its device records are taken, and the ids they got.
+        self._taken: dict[str, int] = {}
+        self._ids_of: dict[str, list[str]] = {}
 
     @pytest.hookimpl(hookwrapper=True)
     def pytest_runtest_makereport(self, item: pytest.Item, call: Any) -> Any:
@@ -121,13 +132,27 @@ class RunRecorder:
         props: list[tuple[str, Any]] = list(report.user_properties)
         params = dict(props).get(PARAMS_PROPERTY, {})
         for name, value in props:
-            if name == DEVICE_PROPERTY and report.when == "call":
-                self.devices.append(DeviceRecord.from_dict(value))
-            elif name == ENDPOINT_PROPERTY:
+            if name == ENDPOINT_PROPERTY:
                 self.endpoint = dict(value)
+        # Each phase's report carries every property so far: take only the new records.
+        records = [value for name, value in props if name == DEVICE_PROPERTY]
+        for value in records[self._taken.get(report.nodeid, 0):]:
+            self._add_device(report.nodeid, DeviceRecord.from_dict(value))
+        self._taken[report.nodeid] = max(len(records), self._taken.get(report.nodeid, 0))
         outcome = self._outcome(report, params)
         if outcome is not None:
-            self.outcomes[report.nodeid] = outcome
+            ids = tuple(self._ids_of.get(report.nodeid, ()))
+            self.outcomes[report.nodeid] = dataclasses.replace(outcome, device_ids=ids)
+
+    def _add_device(self, nodeid: str, device: DeviceRecord) -> None:
+        """Record ``device`` under an id no other record of the run has (``id#2``...)."""
+        base, n, unique = device.device_id, 1, device.device_id
+        while unique in self._device_ids:
+            n += 1
+            unique = f"{base}#{n}"
+        self._device_ids.add(unique)
+        self.devices.append(dataclasses.replace(device, device_id=unique))
+        self._ids_of.setdefault(nodeid, []).append(unique)
 
     def _outcome(self, report: pytest.TestReport,
                  params: Mapping[str, Any]) -> ScenarioOutcome | None:
@@ -174,8 +199,17 @@ class RunRecorder:
             outcomes=tuple(self.outcomes.values()),
             devices=tuple(self.devices),
         )
-        self.run_dir = write_run(record, Path(self.config.getoption("--fleetbench-report")))
+        reports = Path(self.config.getoption("--fleetbench-report"))
+        try:
+            self.run_dir = write_run(record, reports)
+        except Exception as exc:  # the run's verdict stands; say why it has no report
+            self.error = (f"fleetbench report: ERROR: could not write the run's report "
+                          f"to {reports}: {type(exc).__name__}: {exc}")
+            if session.exitstatus == pytest.ExitCode.OK:
+                session.exitstatus = pytest.ExitCode.INTERNAL_ERROR
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         if self.run_dir is not None:
             terminalreporter.write_line(f"fleetbench report: {self.run_dir}")
+        elif self.error is not None:
+            terminalreporter.write_line(self.error, red=True, bold=True)

@@ -14,6 +14,12 @@ may take minutes after ``DetachPolicy``); a thing type must be deprecated, and A
 deleting it only five minutes later. Whatever is still there at the end is reported as a
 :class:`Leftover` with the reason, never dropped silently.
 
+Things (and the certificates behind them) are independent of each other, so a sweep
+removes them from a small thread pool (:data:`TEARDOWN_WORKERS`; boto3 clients are safe to
+call from threads); each thread keeps AWS's order within its own chain (detach, delete
+the thing, then deactivate and delete its certificates). On AWS the teardown APIs'
+default quota is 10 TPS, so more workers would only meet throttling.
+
 The same code serves every endpoint: it only uses boto3 ``iot`` (and ``iam`` for roles).
 """
 
@@ -21,8 +27,10 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -41,6 +49,9 @@ THING_TYPE_DELETE_DELAY_S = 300.0
 MAX_GROUP_DEPTH = 7
 #: Shortest prefix ``cleanup_prefix`` accepts, so that a typo cannot sweep an account.
 MIN_PREFIX_LENGTH = 3
+#: Threads removing independent things and certificates at once (within botocore's
+#: default pool of 10 connections per client).
+TEARDOWN_WORKERS = 8
 
 
 class ResourceKind(str, Enum):
@@ -144,7 +155,9 @@ class Teardown:
     """One cleanup pass over an account; collects a :class:`CleanupReport`.
 
     Each public method removes one resource with everything that blocks its deletion
-    and never raises for AWS errors: a failure becomes a leftover.
+    and never raises for AWS errors: a failure becomes a leftover. The methods may run in
+    several threads at once (:meth:`sweep` does, with ``workers`` threads); the
+    bookkeeping is shared under a lock.
     """
 
     iot: Any
@@ -152,31 +165,54 @@ class Teardown:
     iam: Any = None
     retry_timeout: float = RETRY_TIMEOUT_S
     sleep: Callable[[float], None] = time.sleep
+    workers: int = TEARDOWN_WORKERS
     _removed: list[Resource] = field(default_factory=list)
     _leftovers: dict[Resource, str] = field(default_factory=dict)
     _done: set[Resource] = field(default_factory=set)
     _orphan_policies: set[str] = field(default_factory=set)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     # -- bookkeeping --------------------------------------------------------------------------
     def report(self) -> CleanupReport:
-        return CleanupReport(self.prefix, tuple(self._removed),
-                             tuple(Leftover(r, why) for r, why in self._leftovers.items()))
+        with self._lock:
+            return CleanupReport(self.prefix, tuple(self._removed),
+                                 tuple(Leftover(r, why) for r, why in self._leftovers.items()))
 
     def _ok(self, resource: Resource) -> None:
-        self._leftovers.pop(resource, None)
-        if resource not in self._removed:
-            self._removed.append(resource)
+        with self._lock:
+            self._leftovers.pop(resource, None)
+            if resource not in self._removed:
+                self._removed.append(resource)
         log.info("event=removed %s=%s", resource.kind.value, resource.name)
 
     def _left(self, resource: Resource, reason: str) -> None:
-        self._leftovers[resource] = reason
+        with self._lock:
+            self._leftovers[resource] = reason
         log.warning("event=leftover %s=%s reason=%s", resource.kind.value, resource.name, reason)
 
     def _first_visit(self, resource: Resource) -> bool:
-        if resource in self._done:
-            return False
-        self._done.add(resource)
-        return True
+        with self._lock:
+            if resource in self._done:
+                return False
+            self._done.add(resource)
+            return True
+
+    def _was_removed(self, resource: Resource) -> bool:
+        with self._lock:
+            return resource in self._removed
+
+    def _each(self, remove: Callable[[str], None], names: Iterable[str]) -> None:
+        """``remove(name)`` for every name, ``workers`` at a time (each one's own chain in
+        AWS's order); returns when all are done. Errors other than AWS's propagate."""
+        todo = list(names)
+        if self.workers <= 1 or len(todo) <= 1:
+            for name in todo:
+                remove(name)
+            return
+        with ThreadPoolExecutor(max_workers=min(self.workers, len(todo)),
+                                thread_name_prefix="fleetbench-teardown") as pool:
+            for future in [pool.submit(remove, name) for name in todo]:
+                future.result()
 
     def _pages(self, operation: str, key: str, **kwargs: Any) -> Iterator[Any]:
         if self.iot.can_paginate(operation):
@@ -262,7 +298,8 @@ class Teardown:
             for policy in list(self._pages("list_attached_policies", "policies", target=arn)):
                 self.iot.detach_policy(policyName=policy["policyName"], target=arn)
                 if not owned(policy["policyName"], self.prefix):
-                    self._orphan_policies.add(policy["policyName"])
+                    with self._lock:
+                        self._orphan_policies.add(policy["policyName"])
             if description.get("status") == "ACTIVE":
                 self.iot.update_certificate(certificateId=certificate_id, newStatus="INACTIVE")
             self._retrying(lambda: self.iot.delete_certificate(certificateId=certificate_id),
@@ -288,7 +325,7 @@ class Teardown:
                 if ":cert/" in target and delete_certificates:
                     cert = Resource(ResourceKind.CERTIFICATE, target.rsplit("/", 1)[1])
                     self.certificate(cert.name)
-                    if cert in self._removed:
+                    if self._was_removed(cert):
                         continue  # detached on the way
                 self._detach(name, target)
         except Exception as exc:
@@ -325,19 +362,22 @@ class Teardown:
         Such a policy still attached elsewhere is shared with something outside the run
         and is left alone (not a leftover of this run).
         """
-        for name in sorted(self._orphan_policies):
-            resource = Resource(ResourceKind.POLICY, name)
-            if not self._first_visit(resource):
-                continue
-            try:
-                targets = list(self._pages("list_targets_for_policy", "targets",
-                                           policyName=name))
-            except Exception as exc:
-                if not _not_found(exc):
-                    self._left(resource, _message(exc))
-                continue
-            if not targets:
-                self._delete_policy(resource)
+        with self._lock:
+            orphans = sorted(self._orphan_policies)
+        self._each(self._orphaned_policy, orphans)
+
+    def _orphaned_policy(self, name: str) -> None:
+        resource = Resource(ResourceKind.POLICY, name)
+        if not self._first_visit(resource):
+            return
+        try:
+            targets = list(self._pages("list_targets_for_policy", "targets", policyName=name))
+        except Exception as exc:
+            if not _not_found(exc):
+                self._left(resource, _message(exc))
+            return
+        if not targets:
+            self._delete_policy(resource)
 
     # -- the rest -----------------------------------------------------------------------------
     def template(self, name: str) -> None:
@@ -435,10 +475,8 @@ class Teardown:
         things = [t["thingName"] for t in self._listing(ResourceKind.THING, "list_things",
                                                         "things")
                   if owned(t["thingName"], p)]
-        for name in things:
-            self.thing(name)
-        for certificate_id in certificates:
-            self.certificate(certificate_id)
+        self._each(self.thing, things)
+        self._each(self.certificate, certificates)
         listed = [t["templateName"] for t in self._listing(
             ResourceKind.PROVISIONING_TEMPLATE, "list_provisioning_templates", "templates")]
         for name in dict.fromkeys([*templates, *(n for n in listed if owned(n, p))]):

@@ -171,18 +171,10 @@ def record_device(node: pytest.Item, result: DeviceResult, trace: ProvisioningTr
                   inputs: DeviceInputs | None) -> None:
     """Attach a device run to the test's report entry (as ``device_factory.record`` does).
 
-    The record goes through JSON first: trace steps carry ``StepKind`` members, which
-    pytest-xdist cannot ship from a worker to the controller (plain strings it can). A
-    device run twice in one scenario (a reboot, a factory reset) gets ``#2``, ``#3``... on
-    its id: a report names each device once.
+    A device run twice in one scenario (a reboot, a factory reset) is recorded twice; the
+    report gives the second record ``#2`` on its id (:class:`harness.pytest_report.RunRecorder`).
     """
-    record = json.loads(json.dumps(device_record(result, trace=trace, inputs=inputs).to_dict()))
-    taken = {value.get("device_id") for name, value in node.user_properties
-             if name == DEVICE_PROPERTY and isinstance(value, dict)}
-    base, n = record["device_id"], 1
-    while record["device_id"] in taken:
-        n += 1
-        record["device_id"] = f"{base}#{n}"
+    record = device_record(result, trace=trace, inputs=inputs).to_dict()
     node.user_properties.append((DEVICE_PROPERTY, record))
 
 
@@ -210,30 +202,17 @@ class Watch:
                        client_id: str | None = None, certificate_id: str | None = None,
                        timeout: float = TRACE_WAIT_S) -> Any:
         """The first ``kind`` observation since ``since`` (None after ``timeout``)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            found = self.events(since, client_id=client_id, certificate_id=certificate_id,
-                                kind=kind)
-            remaining = deadline - time.monotonic()
-            if found or remaining <= 0:
-                return found[0] if found else None
-            self._wait_for_more(remaining)
+        found = self.observer.wait_for(
+            lambda: self.events(since, client_id=client_id, certificate_id=certificate_id,
+                                kind=kind), timeout)
+        return found[0] if found else None
 
     def trace_until(self, client_id: str | None, since: Mark,
                     predicate: Callable[[ProvisioningTrace], bool],
                     timeout: float = TRACE_WAIT_S) -> ProvisioningTrace:
         """``client_id``'s trace once ``predicate`` holds (or after ``timeout``)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            trace = self.observer.trace(client_id=client_id, since=since, until=None)
-            remaining = deadline - time.monotonic()
-            if predicate(trace) or remaining <= 0:
-                return trace
-            self._wait_for_more(remaining)
-
-    def _wait_for_more(self, remaining: float) -> None:
-        # The observers' own blocking wait for a new event (it has no public form yet).
-        self.observer._wait_for_more(min(remaining, 2.0))
+        return self.observer.trace(client_id=client_id, since=since, until=predicate,
+                                   timeout=timeout)
 
 
 @pytest.fixture(scope="session")

@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 import ssl
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import boto3
+import execnet
 import paho.mqtt.client as mqtt
 import pytest
 from hypothesis import given, settings
@@ -29,12 +31,14 @@ from harness.observations import Kind, Observation
 from harness.observer import (
     CertificateCreated,
     Disconnected,
+    ProvisioningTrace,
     Rejected,
     StepKind,
     ThingRegistered,
     build_trace,
     presence_observation,
 )
+from harness.pytest_report import device_record
 
 CLAIM, NEW, OTHER = "c" * 64, "d" * 64, "e" * 64
 
@@ -139,6 +143,20 @@ def test_a_trace_by_claim_certificate_follows_the_client_it_connected_as() -> No
     assert trace.provisioned
 
 
+def test_trace_steps_become_plain_values_that_cross_to_an_xdist_controller() -> None:
+    # the kind is the "step" name only: pytest-xdist's execnet carries no enum members
+    trace = build_trace([*full_flow(), *[obs(7, Kind.API_RESPONSE, "fb-SN1", NEW,
+                                             api="RegisterThing", outcome="rejected",
+                                             statusCode=400, errorCode="X")]],
+                        client_id="dev-1")
+    for step in trace.steps:
+        as_dict = step.to_dict()
+        assert "kind" not in as_dict and as_dict["step"] == step.kind.value
+        assert all(type(v) in (str, int, float, type(None)) for v in as_dict.values())
+    execnet.dumps([step.to_dict() for step in trace.steps])
+    execnet.dumps(device_record(None, trace=trace).to_dict())
+
+
 def test_a_trace_needs_a_client_id_or_a_certificate_id() -> None:
     with pytest.raises(ValueError):
         build_trace(full_flow())
@@ -216,6 +234,58 @@ def test_an_incomplete_trace_is_returned_after_the_timeout(emulator: LocalEndpoi
     trace = emulator.observer.trace(client_id="slow-1", since=mark, timeout=0.3)
     assert trace.kinds == (StepKind.CONNECTED,)
     assert not trace.provisioned
+
+
+def test_wait_for_returns_as_soon_as_the_emulator_sees_what_it_waits_for(
+        emulator: LocalEndpoint) -> None:
+    observer = emulator.observer
+    mark = observer.mark()
+    timer = threading.Timer(0.3, record, (emulator, full_flow("waitfor-1")[:1]))
+    timer.start()
+    try:
+        found = observer.wait_for(lambda: observer.events(client_id="waitfor-1", since=mark),
+                                  timeout=10)
+    finally:
+        timer.join()
+    assert [o.kind for o in found] == [Kind.CONNECT.value]
+
+
+def test_wait_for_gives_the_last_falsy_answer_after_the_timeout(
+        emulator: LocalEndpoint) -> None:
+    observer = emulator.observer
+    mark = observer.mark()
+    asked: list[int] = []
+
+    def check() -> list[Observation]:
+        asked.append(1)
+        return observer.events(client_id="never-1", since=mark)
+
+    assert observer.wait_for(check, timeout=0.3) == []
+    assert asked  # asked at least once, even with nothing new
+
+
+def test_a_trace_waits_until_a_test_of_the_whole_trace_holds(emulator: LocalEndpoint) -> None:
+    # a reboot scenario waits for the second reconnection, not the first
+    observer = emulator.observer
+    mark = observer.mark()
+    flow = full_flow("twice-1", "fb-twice-1")
+    again = [obs(7, Kind.DISCONNECT, "fb-twice-1", NEW, reason="CONNECTION_LOST"),
+             obs(8, Kind.CONNECT, "fb-twice-1", NEW)]
+    record(emulator, flow)
+    timer = threading.Timer(0.3, record, (emulator, again))
+    timer.start()
+
+    def twice(trace: ProvisioningTrace) -> bool:
+        return len(trace.of(StepKind.RECONNECTED)) >= 2
+
+    started = time.monotonic()
+    try:
+        trace = observer.trace(client_id="twice-1", since=mark, until=twice, timeout=30)
+    finally:
+        timer.join()
+    assert time.monotonic() - started < 15  # it returned when the test held, not at timeout
+    assert len(trace.of(StepKind.RECONNECTED)) == 2, str(trace)
+    assert trace.provisioned
 
 
 def device_credentials(endpoint: Endpoint, name: str, directory: Path,
@@ -311,6 +381,30 @@ def test_aws_observer_builds_the_trace_from_lifecycle_events_and_the_registry(
     created = trace.first(StepKind.CERTIFICATE_CREATED)
     assert isinstance(created, CertificateCreated) and created.api is None  # AWS cannot tell
     assert trace.provisioned, str(trace)
+
+
+def test_aws_observer_wait_for_returns_when_the_lifecycle_event_arrives(
+        aws_over_emulator: AwsEndpoint, tmp_path: Path) -> None:
+    # spec broker §4.2: a connection is announced on $aws/events/presence/connected/<id>
+    endpoint = aws_over_emulator
+    observer = endpoint.observer
+    mark = observer.mark()
+    cert, key, cert_id = device_credentials(endpoint, "aws-wait", tmp_path)
+    opened: list[Device] = []
+    timer = threading.Timer(0.3, lambda: opened.append(Device(endpoint, "aws-wait-1", cert,
+                                                               key)))
+    timer.start()
+    try:
+        found = observer.wait_for(
+            lambda: [o for o in observer.events(client_id="aws-wait-1", since=mark)
+                     if o.kind == Kind.CONNECT.value], timeout=15)
+    finally:
+        timer.join()
+        for device in opened:
+            device.close()
+    assert [o.certificate_id for o in found] == [cert_id]
+    assert observer.wait_for(lambda: observer.events(client_id="aws-nobody", since=mark),
+                             timeout=0.2) == []
 
 
 def test_aws_observer_removes_its_certificate_and_policy_on_close(
