@@ -29,7 +29,9 @@ def test_values_are_json_and_become_the_fields_types() -> None:
     assert settings.sni_host_names == ("iot.example.com",)
 
 
-@pytest.mark.parametrize("bad", ["no_such_setting=1", "explain_refusals", "refuse_certificates_at=x"])
+@pytest.mark.parametrize(
+    "bad", ["no_such_setting=1", "explain_refusals", "refuse_certificates_at=x"]
+)
 def test_an_unknown_or_malformed_setting_is_bad_usage(
     bad: str, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -193,7 +193,7 @@ def test_a_failed_start_raises_and_releases_what_it_had_started() -> None:
         taken.listen()
         emu = EmbeddedEmulator(EmulatorConfig(mqtt_port=taken.getsockname()[1], api_port=0,
                                               key_pool_size=1))
-        with pytest.raises(OSError, match="(?i)address already in use"):
+        with pytest.raises(OSError, match=r"(?i)address already in use"):
             emu.start(timeout=30)
     assert not emu.emulator.data_dir.exists()  # its temporary data dir is gone
     assert keypool_workers() <= workers_before  # its key workers too
