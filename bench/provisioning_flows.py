@@ -1,0 +1,484 @@
+"""Complete fleet provisioning flows against the emulator, from a second process (issue 3).
+
+One flow is what a device does on its first boot, by claim:
+
+    mutual-TLS connect with the claim certificate (MQTT 3.1.1)
+    SUBSCRIBE to the API's accepted/rejected topics
+    CreateCertificateFromCsr with a fresh EC P-256 key's CSR   (or CreateKeysAndCertificate)
+    SUBSCRIBE to RegisterThing's topics, RegisterThing on the template
+    DISCONNECT, then mutual-TLS connect with the new certificate, DISCONNECT
+
+The emulator is the stock ``fleetbench emulator`` (a subprocess, pinned to CPU 0 unless
+``--no-pin``); the fleet (template, claim policy, EC claim) is prepared through its control
+plane as load runs do (:class:`loadtests.fleet_setup.LoadFleet`). Load-generator processes
+(pinned to the other CPUs) run flows over the cheapest client asyncio offers
+(:mod:`bench.common`'s ``MqttLink`` on uvloop, the project's MQTT codec and
+``harness.protocol`` payloads), so that the figures are the emulator's. Three measurements:
+
+* ``csr``: as many CSR flows as ``--concurrency`` concurrent devices complete, for
+  ``--duration`` (default a minute): completed flows/s, p50/p99 flow latency, CPU ms per
+  flow of the emulator and of the load generator. Target: >= 150 flows/s.
+* ``csr-rate``: CSR flows started at a fixed ``--rate`` (default 100/s, open loop): the
+  latency a launch at that rate sees. Target: p99 < 250 ms.
+* ``keys``: CreateKeysAndCertificate flows at ``--concurrency``: bounded by the emulator's
+  RSA key pool, whose refill rate (keys/s from its worker processes) is measured too; the
+  emulator's CPU per keys flow includes those workers' (a CSR flow's does not: they only
+  fill the pool once, at start).
+
+    python -m bench.provisioning_flows                      # all three, a minute each
+    python -m bench.provisioning_flows --only csr --duration 20 --concurrency 48
+    python -m bench.provisioning_flows --quick              # smoke run, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import random
+import secrets
+import shutil
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench import common
+from bench.common import MqttLink, Target
+from harness import pki
+from harness import protocol as fp
+from harness.emulator.mqtt.packets import (
+    Connack,
+    Connect,
+    Puback,
+    Publish,
+    Suback,
+    Subscribe,
+    Subscription,
+)
+from harness.protocol import Api, PayloadFormat
+
+NAME = "complete provisioning flows (claim -> certificate -> RegisterThing -> reconnect)"
+MEASUREMENTS = ("csr", "csr-rate", "keys")
+TARGET_CSR_RATE = 150.0
+TARGET_P99_MS = 250.0
+#: Seconds one flow may take before it counts as an error.
+FLOW_TIMEOUT_S = 30.0
+#: Open-loop flows in flight per load process beyond which arrivals are dropped (errors).
+MAX_IN_FLIGHT = 2000
+#: Seconds after t1 that flows still running get to finish.
+GRACE_S = 15.0
+
+
+# --------------------------------------------------------------------------- load generator
+
+
+class FlowError(Exception):
+    """A flow step did not get the answer it needed (``kind`` is counted per run)."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__(kind)
+        self.kind = kind
+
+
+async def _next(link: MqttLink, timeout: float) -> Any:
+    packet = await asyncio.wait_for(link.next_packet(), timeout)
+    if packet is None:
+        raise FlowError("ConnectionClosed")
+    return packet
+
+
+async def _expect(link: MqttLink, kind: type, timeout: float) -> Any:
+    while True:
+        packet = await _next(link, timeout)
+        if isinstance(packet, kind):
+            return packet
+
+
+async def _connect(target: Target, ctx: Any, client_id: str, timeout: float) -> MqttLink:
+    link = await asyncio.wait_for(common.open_link(target, ctx), timeout)
+    link.send(Connect(common.MQTT_LEVEL, client_id, keep_alive=60))
+    connack = await _expect(link, Connack, timeout)
+    if connack.reason_code != 0:
+        link.close(graceful=False)
+        raise FlowError(f"CONNACK 0x{connack.reason_code:02X}")
+    return link
+
+
+async def _call(link: MqttLink, api: Api, fmt: PayloadFormat, payload: bytes,
+                template: str | None, packet_ids: Callable[[], int],
+                timeout: float) -> fp.Response:
+    """SUBSCRIBE accepted/rejected, PUBLISH the request (QoS 1), return the accepted reply."""
+    topic = fp.request_topic(api, fmt, template)
+    accepted, rejected = fp.accepted(topic), fp.rejected(topic)
+    link.send(Subscribe(packet_ids(), [Subscription(accepted, 1), Subscription(rejected, 1)]))
+    suback = await _expect(link, Suback, timeout)
+    if any(code >= 0x80 for code in suback.reason_codes):
+        raise FlowError("SubscribeRefused")
+    link.send(Publish(topic, payload, qos=1, packet_id=packet_ids()))
+    while True:
+        packet = await _next(link, timeout)
+        if isinstance(packet, Publish) and packet.topic in (accepted, rejected):
+            if packet.qos and packet.packet_id is not None:
+                link.send(Puback(packet.packet_id))
+            parsed = fp.parse_response(api, fp.ACCEPTED if packet.topic == accepted
+                                       else fp.REJECTED, packet.payload, fmt)
+            if isinstance(parsed, fp.ErrorResponse):
+                raise FlowError(parsed.error_code or f"HTTP{parsed.status_code}")
+            return parsed
+
+
+def _device_context(ca_file: str, directory: Path, cert_pem: str, key_pem: str) -> Any:
+    """Write the device's files and load them (blocking: called in an executor)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    cert, key = directory / "device.pem", directory / "device.key"
+    pki.write_secret(key, key_pem)
+    pki.write_public(cert, cert_pem)
+    return common.client_context(Target("device", "", 0, "", (ca_file,), str(cert), str(key)))
+
+
+@dataclass(frozen=True)
+class FlowPlan:
+    """What a load-generator process does (crosses the process boundary as JSON)."""
+
+    target: dict[str, Any]
+    template: str
+    api: str
+    payload_format: str
+    concurrency: int
+    rate: float | None
+    scratch: str
+    timeout: float = FLOW_TIMEOUT_S
+
+
+async def one_flow(plan: FlowPlan, target: Target, claim_ctx: Any, slot: Path,
+                   serial: str) -> None:
+    """One device's complete flow (raises FlowError or a transport error on failure)."""
+    fmt, api, timeout = PayloadFormat(plan.payload_format), Api(plan.api), plan.timeout
+    counter = iter(range(1, 65535))
+
+    def packet_id() -> int:
+        return next(counter)
+
+    link = await _connect(target, claim_ctx, f"{serial}-claim", timeout)
+    try:
+        if api is Api.CREATE_CERTIFICATE_FROM_CSR:
+            key = pki.generate_ec_key()
+            body = fp.encode(fp.CreateCertificateFromCsrRequest(pki.make_csr(key, serial)), fmt)
+            issued: Any = await _call(link, api, fmt, body, None, packet_id, timeout)
+            key_pem = pki.private_key_pem(key)
+        else:
+            body = b"{}" if fmt is PayloadFormat.JSON else b""
+            issued = await _call(link, api, fmt, body, None, packet_id, timeout)
+            key_pem = issued.private_key
+        request = fp.RegisterThingRequest(issued.certificate_ownership_token,
+                                          {"SerialNumber": serial})
+        registered: Any = await _call(link, Api.REGISTER_THING, fmt, fp.encode(request, fmt),
+                                      plan.template, packet_id, timeout)
+    finally:
+        link.close(graceful=True)
+    loop = asyncio.get_running_loop()
+    ctx = await loop.run_in_executor(None, _device_context, target.ca_files[0], slot,
+                                     issued.certificate_pem, key_pem)
+    device = await _connect(target, ctx, registered.thing_name or serial, timeout)
+    device.close(graceful=True)
+
+
+async def worker(params: dict[str, Any]) -> dict[str, Any]:
+    """Load-generator process: flows until t1, closed loop (concurrency) or open (rate)."""
+    plan = FlowPlan(**params)
+    target = Target.from_dict(plan.target)
+    claim_ctx = common.client_context(target)
+    scratch = Path(plan.scratch)
+    common.emit({"ready": True})
+    t0, t1 = await common.wait_go()
+    latencies: list[float] = []
+    counts = {"ops": 0, "errors": 0, "started": 0}
+    kinds: Counter[str] = Counter()
+    rng = random.Random()
+
+    async def timed(slot: Path) -> None:
+        start = time.monotonic()
+        try:
+            await asyncio.wait_for(one_flow(plan, target, claim_ctx, slot,
+                                            f"{rng.getrandbits(48):012x}"), plan.timeout)
+            ok, kind = True, ""
+        except FlowError as exc:
+            ok, kind = False, exc.kind
+        except (OSError, ConnectionError, asyncio.TimeoutError) as exc:
+            ok, kind = False, type(exc).__name__
+        end = time.monotonic()
+        if t0 <= end < t1:
+            if ok:
+                counts["ops"] += 1
+                latencies.append((end - start) * 1000)
+            else:
+                counts["errors"] += 1
+                kinds[kind] += 1
+
+    async def closed_loop(slot: int) -> None:
+        directory = scratch / f"slot-{slot}"
+        while time.monotonic() < t1:
+            await timed(directory)
+
+    async def open_loop(rate: float) -> None:
+        in_flight: set[asyncio.Task[None]] = set()
+        interval, n = 1.0 / rate, 0
+        begin = max(time.monotonic(), t0 - 1.0)  # arrivals start with the warm-up's tail
+        while True:
+            due = begin + n * interval
+            if due >= t1:
+                break
+            delay = due - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            n += 1
+            if len(in_flight) >= MAX_IN_FLIGHT:
+                if t0 <= time.monotonic() < t1:
+                    counts["errors"] += 1
+                    kinds["Overloaded"] += 1
+                continue
+            task = asyncio.ensure_future(timed(scratch / f"slot-{n % MAX_IN_FLIGHT}"))
+            in_flight.add(task)
+            task.add_done_callback(in_flight.discard)
+        if in_flight:
+            await asyncio.wait(in_flight, timeout=GRACE_S)
+
+    if plan.rate:
+        await asyncio.wait_for(open_loop(plan.rate), t1 - time.monotonic() + GRACE_S + 5)
+    else:
+        tasks = [asyncio.ensure_future(closed_loop(i)) for i in range(plan.concurrency)]
+        _, pending = await asyncio.wait(tasks, timeout=max(0.0, t1 - time.monotonic()) + GRACE_S)
+        for task in pending:
+            task.cancel()
+    return {**counts, "latencies_ms": latencies, "error_kinds": dict(kinds)}
+
+
+# --------------------------------------------------------------------------- orchestrator
+
+
+@dataclass(frozen=True)
+class Measurement:
+    name: str
+    run: common.Run
+    error_kinds: dict[str, int]
+    p95_ms: float
+
+    def row(self) -> list[object]:
+        r = self.run
+        ratio = (r.client_cpu_ms_per_op / r.server_cpu_ms_per_op
+                 if r.server_cpu_ms_per_op and not math.isnan(r.server_cpu_ms_per_op)
+                 else math.nan)
+        return [self.name, r.rate, r.p50_ms, self.p95_ms, r.p99_ms, r.server_cpu_ms_per_op,
+                r.client_cpu_ms_per_op, ratio, r.errors]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, **self.run.to_dict(), "p95_ms": self.p95_ms,
+                "error_kinds": self.error_kinds}
+
+
+class _Emulator(common.BrokerProcess):
+    """The emulator process; its CPU time includes its key-pool workers (the RSA keys of
+    CreateKeysAndCertificate are made there)."""
+
+    def cpu_seconds(self) -> float:
+        import psutil
+
+        total = common.cpu_seconds(self.pid)
+        for child in psutil.Process(self.pid).children(recursive=True):
+            try:
+                total += common.cpu_seconds(child.pid)
+            except (OSError, ValueError):
+                continue  # exited between listing and reading
+        return total
+
+
+class _Tracked(common.Workers):
+    """Workers whose results are kept for the error breakdown and p95."""
+
+    last: list[dict[str, Any]]
+
+    def results(self, timeout: float) -> list[dict[str, Any]]:
+        self.last = super().results(timeout)
+        return self.last
+
+
+def measure(name: str, broker: common.BrokerProcess, plans: Sequence[FlowPlan],
+            load_cpus: Sequence[int] | None, duration: float, warmup: float) -> Measurement:
+    workers = _Tracked("bench.provisioning_flows", [p.__dict__ for p in plans], load_cpus)
+    try:
+        run = common.measured_run(broker, workers, duration, warmup)
+    finally:
+        workers.kill()
+    kinds: Counter[str] = Counter()
+    for result in workers.last:
+        kinds.update(result.get("error_kinds") or {})
+    p95 = common.percentile(common.merge_latencies(workers.last), 95)
+    print(f"  {name}: {run.rate:,.1f} flows/s p50 {run.p50_ms:.1f} ms p99 {run.p99_ms:.1f} ms "
+          f"emulator {run.server_cpu_ms_per_op:.2f} ms/flow load "
+          f"{run.client_cpu_ms_per_op:.2f} ms/flow errors {run.errors} {dict(kinds) or ''}",
+          flush=True)
+    return Measurement(name, run, dict(kinds), p95)
+
+
+def key_pool_rate(seconds: float, workers: int = 1) -> float:
+    """Keys per second the emulator's RSA key pool (``workers`` processes) delivers."""
+    from harness.emulator.keypool import KeyPool
+
+    pool = KeyPool(1, workers)
+    pool.start()
+    try:
+        pool.take_blocking(timeout=60)  # the worker is up
+        taken, t0 = 0, time.monotonic()
+        while time.monotonic() - t0 < seconds:
+            pool.take_blocking(timeout=60)
+            taken += 1
+        return taken / (time.monotonic() - t0)
+    finally:
+        pool.close()
+
+
+def _plans(args: argparse.Namespace, target: Target, template: str, api: Api,
+           rate: float | None, scratch: Path) -> list[FlowPlan]:
+    n = max(1, args.load_processes)
+    per_concurrency = max(1, math.ceil(args.concurrency / n))
+    return [FlowPlan(target=target.to_dict(), template=template, api=api.value,
+                     payload_format=args.format, concurrency=per_concurrency,
+                     rate=None if rate is None else rate / n,
+                     scratch=str(scratch / f"load-{i}")) for i in range(n)]
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from harness.endpoints.local import EmulatorMode, LocalEndpoint
+    from loadtests.fleet_setup import LoadFleet
+
+    common.raise_nofile()
+    emulator_cpus, load_cpus = common.cpu_plan(not args.no_pin)
+    only = [m for m in args.only.split(",") if m]
+    results: dict[str, Any] = {"measurements": [], "notes": []}
+    scratch = Path(tempfile.mkdtemp(prefix="fleetbench-flows-",
+                                    dir="/dev/shm" if os.access("/dev/shm", os.W_OK) else None))
+    with common.workdir(args.keep_dir) as directory:
+        endpoint = LocalEndpoint.start(mode=EmulatorMode.SUBPROCESS,
+                                       data_dir=directory / "emulator-data",
+                                       extra_args=args.emulator_arg)
+        try:
+            assert endpoint.process is not None and endpoint.stderr_path is not None
+            common.pin(endpoint.process.pid, emulator_cpus)
+            fleet = LoadFleet(endpoint, "bench", f"bpf{secrets.token_hex(3)}")
+            handoff = fleet.setup()
+            files = directory / "claim"
+            files.mkdir(parents=True, exist_ok=True)
+            pki.write_public(files / "ca.pem", handoff.ca_pem)
+            pki.write_public(files / "claim.pem", handoff.claim_cert_pem)
+            pki.write_secret(files / "claim.key", handoff.claim_key_pem)
+            target = Target("emulator", handoff.mqtt_host, handoff.mqtt_port,
+                            handoff.mqtt_server_name, (str(files / "ca.pem"),),
+                            str(files / "claim.pem"), str(files / "claim.key"))
+            # CSR flows are charged the emulator process; keys flows its key workers too
+            # (which otherwise only fill the pool once, at start)
+            brokers = {Api.CREATE_CERTIFICATE_FROM_CSR: common.BrokerProcess(
+                "emulator", endpoint.process, target, endpoint.stderr_path),
+                Api.CREATE_KEYS_AND_CERTIFICATE: _Emulator(
+                "emulator", endpoint.process, target, endpoint.stderr_path)}
+            print(f"{NAME}\n  emulator pid {endpoint.process.pid} on CPUs "
+                  f"{emulator_cpus or 'any'}, {args.load_processes} load process(es) on CPUs "
+                  f"{load_cpus or 'any'}; {args.duration:g} s per measurement after "
+                  f"{args.warmup:g} s warm-up; MQTT 3.1.1, {args.format}", flush=True)
+            plan_for = {
+                "csr": (Api.CREATE_CERTIFICATE_FROM_CSR, None),
+                "csr-rate": (Api.CREATE_CERTIFICATE_FROM_CSR, args.rate),
+                "keys": (Api.CREATE_KEYS_AND_CERTIFICATE, None),
+            }
+            for name in only:
+                api, rate = plan_for[name]
+                label = f"{name} @ {rate:g}/s" if rate else f"{name} x{args.concurrency}"
+                m = measure(label, brokers[api], _plans(args, target, fleet.template_name, api,
+                                                        rate, scratch), load_cpus, args.duration,
+                            args.warmup)
+                results["measurements"].append(m)
+            if "keys" in only:
+                rate = key_pool_rate(args.key_pool_seconds)
+                results["key_pool_keys_per_s"] = rate
+                print(f"  key pool refill: {rate:.1f} RSA-2048 keys/s with 1 worker process "
+                      "(the emulator's default)", flush=True)
+        finally:
+            endpoint.close()
+            shutil.rmtree(scratch, ignore_errors=True)
+    return results
+
+
+def report(results: dict[str, Any], args: argparse.Namespace) -> str:
+    measurements: list[Measurement] = results["measurements"]
+    lines = [f"== {NAME} ==", common.table(
+        ["measurement", "flows/s", "p50 ms", "p95 ms", "p99 ms", "emu CPU ms/flow",
+         "load CPU ms/flow", "load/emu", "errors"], [m.row() for m in measurements])]
+    for m in measurements:
+        if m.name.startswith("csr x"):
+            verdict = "meets" if m.run.rate >= TARGET_CSR_RATE else "MISSES"
+            lines.append(f"CSR flows/s {m.run.rate:,.1f} (target >= {TARGET_CSR_RATE:g}: "
+                         f"{verdict} target)")
+            if m.run.server_cpu_ms_per_op == m.run.server_cpu_ms_per_op:  # not NaN
+                lines.append(f"  emulator capacity on one core: "
+                             f"{1000 / m.run.server_cpu_ms_per_op:,.0f} flows/s")
+        if m.name.startswith("csr @"):
+            verdict = "meets" if m.run.p99_ms < TARGET_P99_MS else "MISSES"
+            lines.append(f"CSR p99 at {args.rate:g} flows/s: {m.run.p99_ms:.1f} ms (target < "
+                         f"{TARGET_P99_MS:g} ms: {verdict} target)")
+        if m.error_kinds:
+            lines.append(f"  {m.name} errors: {m.error_kinds}")
+    if "key_pool_keys_per_s" in results:
+        lines.append(f"key pool refill rate: {results['key_pool_keys_per_s']:.1f} keys/s "
+                     "(CreateKeysAndCertificate ceiling once the pool's 32 ready keys are gone)")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["worker"]:
+        return common.worker_entry(worker, argv[1:])
+    parser = argparse.ArgumentParser(prog="python -m bench.provisioning_flows",
+                                     description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default=",".join(MEASUREMENTS),
+                        help=f"comma-separated subset of {', '.join(MEASUREMENTS)}")
+    parser.add_argument("--duration", type=float, default=60.0, help="seconds measured")
+    parser.add_argument("--warmup", type=float, default=3.0, help="seconds of load before")
+    parser.add_argument("--concurrency", type=int, default=48,
+                        help="devices in flight (csr, keys)")
+    parser.add_argument("--rate", type=float, default=100.0, help="flows/s for csr-rate")
+    parser.add_argument("--format", choices=("json", "cbor"), default="json")
+    parser.add_argument("--load-processes", type=int, default=1,
+                        help="load-generator processes")
+    parser.add_argument("--key-pool-seconds", type=float, default=10.0)
+    parser.add_argument("--emulator-arg", action="append", default=[], metavar="ARG",
+                        help="extra `fleetbench emulator` argument (repeatable)")
+    parser.add_argument("--no-pin", action="store_true",
+                        help="do not pin the emulator to CPU 0 and the load to the others")
+    parser.add_argument("--json", type=Path, default=None, help="also write results here")
+    parser.add_argument("--keep-dir", type=Path, default=None)
+    parser.add_argument("--quick", action="store_true", help="a smoke run of a few seconds")
+    args = parser.parse_args(argv)
+    unknown = [m for m in args.only.split(",") if m and m not in MEASUREMENTS]
+    if unknown:
+        parser.error(f"unknown measurement(s) {unknown}; choose from {MEASUREMENTS}")
+    if args.quick:
+        args.duration, args.warmup, args.concurrency, args.rate = 2.0, 0.5, 4, 10.0
+        args.key_pool_seconds = 2.0
+    results = run(args)
+    print(report(results, args))
+    if args.json is not None:
+        args.json.write_text(json.dumps(
+            {**results, "measurements": [m.to_dict() for m in results["measurements"]]},
+            indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
