@@ -4,7 +4,7 @@ Web UI, statistics, CSV, HTML and distributed mode are Locust's own. On test sta
 fleet (template, claim policy, claim) is prepared through the control plane, once, on
 the master; on test stop every flow is checked at the endpoint, the fleet is torn down,
 and ``reports/<run-id>/results.json`` and ``report.html`` are written. See
-``docs/load-testing.md``; ``fleetbench load`` runs this file headless with an emulator.
+README.md (Load testing); ``fleetbench load`` runs this file headless with an emulator.
 
     locust -f loadtests/locustfile.py                          # web UI, emulator started
     locust -f loadtests/locustfile.py ClaimCsrUser --headless \\
