@@ -22,6 +22,7 @@ Markers: ``emulator_only`` (skipped on AWS), ``hardware`` (skipped without ``--b
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import secrets
 import warnings
@@ -227,20 +228,56 @@ def fleet_spec(pytestconfig: pytest.Config, fleetbench_prefix: str,
                      workdir=tmp_path_factory.mktemp("fleet"))
 
 
+class FleetPool:
+    """The session's fleets, one per distinct :class:`FleetSpec`.
+
+    A conftest may override ``fleet_spec`` for its directory (``scenarios/`` adds groups);
+    a session-scoped ``fleet`` would keep whichever spec asked first and so depend on test
+    order. Each distinct spec gets its own fleet; the second and later ones get the run
+    prefix plus ``-s<n>`` so their resources never collide. All are removed at the end.
+    """
+
+    def __init__(self, config: pytest.Config, endpoint: Endpoint) -> None:
+        self._config = config
+        self._endpoint = endpoint
+        self._fleets: dict[str, tuple[Fleet, Any]] = {}
+
+    def get(self, spec: FleetSpec) -> Fleet:
+        key = repr(spec)
+        if key not in self._fleets:
+            if self._fleets:
+                spec = dataclasses.replace(spec, prefix=f"{spec.prefix}-s{len(self._fleets) + 1}")
+            made = Fleet.for_endpoint(self._endpoint, spec)
+            mark = (self._endpoint.observer.mark()
+                    if self._endpoint.supports_emulator_extensions else None)
+            made.setup()
+            self._fleets[key] = (made, mark)
+        return self._fleets[key][0]
+
+    def teardown(self) -> None:
+        for made, mark in reversed(list(self._fleets.values())):
+            if mark is not None:
+                _track_created_certificates(self._endpoint, made, mark)
+            _record_cleanup(self._config, made.teardown())
+        self._fleets.clear()
+
+
 @pytest.fixture(scope="session")
-def fleet(request: pytest.FixtureRequest, endpoint: Endpoint,
-          fleet_spec: FleetSpec) -> Iterator[Fleet]:
-    """Template, role, groups and claim policy for the run; removed at the end whatever
-    happened, with the things, certificates and policies devices got from it."""
-    made = Fleet.for_endpoint(endpoint, fleet_spec)
-    mark = endpoint.observer.mark() if endpoint.supports_emulator_extensions else None
-    made.setup()
+def fleet_pool(pytestconfig: pytest.Config, endpoint: Endpoint) -> Iterator[FleetPool]:
+    """Every fleet of the session; removed at the end whatever happened."""
+    pool = FleetPool(pytestconfig, endpoint)
     try:
-        yield made
+        yield pool
     finally:
-        if mark is not None:
-            _track_created_certificates(endpoint, made, mark)
-        _record_cleanup(request.config, made.teardown())
+        pool.teardown()
+
+
+@pytest.fixture
+def fleet(fleet_pool: FleetPool, fleet_spec: FleetSpec) -> Fleet:
+    """Template, role, groups and claim policy for the run (one per distinct ``fleet_spec``,
+    set up once per session); removed at the end whatever happened, with the things,
+    certificates and policies devices got from it."""
+    return fleet_pool.get(fleet_spec)
 
 
 def _track_created_certificates(endpoint: Endpoint, fleet: Fleet, mark: Any) -> None:
