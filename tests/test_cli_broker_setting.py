@@ -39,3 +39,12 @@ def test_an_unknown_or_malformed_setting_is_bad_usage(
         parse("--broker-setting", bad)
     assert exit_info.value.code == 2
     assert "--broker-setting" in capsys.readouterr().err
+
+
+def test_key_pool_options_reach_the_emulator_config() -> None:
+    # issue 3: the key pool's refill rate bounds CreateKeysAndCertificate
+    args = build_parser().parse_args(
+        ["emulator", "--key-pool-size", "8", "--key-pool-workers", "2"])
+    assert (args.key_pool_size, args.key_pool_workers) == (8, 2)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["emulator", "--key-pool-workers", "0"])
