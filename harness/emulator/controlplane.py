@@ -91,6 +91,7 @@ from botocore.credentials import Credentials
 from botocore.model import OperationModel, ServiceModel, Shape, StructureShape
 from botocore.utils import parse_timestamp
 
+from harness.emulator.registry.validation import pattern_check
 from harness.errors import AwsError, InvalidRequestException
 from harness.observations import Kind, ObservationLog
 
@@ -276,25 +277,6 @@ def iot_routes() -> RouteTable:
 
 # --------------------------------------------------------------------------- validation
 
-_JAVA_CLASSES = {
-    r"\p{Graph}": r"\x21-\x7e",
-    r"\p{Upper}": "A-Z",
-    r"\p{Digit}": "0-9",
-    r"\p{Cntrl}": r"\x00-\x1f\x7f",
-}
-
-
-@functools.lru_cache(maxsize=512)
-def _compile_pattern(pattern: str) -> re.Pattern[str] | None:
-    """A model pattern as a Python regex, or None when Python cannot express it."""
-    for java, python in _JAVA_CLASSES.items():
-        pattern = pattern.replace(java, python)
-    try:
-        return re.compile(pattern)
-    except re.error:
-        return None
-
-
 def _render(value: Any) -> str:
     """A value the way AWS's (Java) validation messages print it."""
     if isinstance(value, bool):
@@ -333,10 +315,10 @@ def _rules(shape: Shape) -> list[Rule]:
         rules.append((f"Member must have {unit} greater than or equal to {meta['min']}",
                       lambda v: measure(v) >= meta["min"]))
     if "pattern" in meta:
-        compiled = _compile_pattern(meta["pattern"])
-        if compiled is not None:
+        check = pattern_check(meta["pattern"])
+        if check is not None:
             rules.append((f"Member must satisfy regular expression pattern: {meta['pattern']}",
-                          lambda v: compiled.fullmatch(v) is not None))
+                          check))
     if "enum" in meta:
         rules.append((f"Member must satisfy enum value set: [{', '.join(meta['enum'])}]",
                       lambda v: v in meta["enum"]))

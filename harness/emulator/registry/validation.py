@@ -56,10 +56,26 @@ def operation_model(name: str) -> OperationModel:
     return service_model().operation_model(name)  # type: ignore[no-any-return]
 
 
+#: Java's POSIX-like classes that have an ASCII equivalent in a Python character class.
+_JAVA_CLASSES = {
+    r"\p{Graph}": r"\x21-\x7e",
+    r"\p{Upper}": "A-Z",
+    r"\p{Digit}": "0-9",
+    r"\p{Cntrl}": r"\x00-\x1f\x7f",
+}
+
+
 @functools.cache
-def _pattern_check(pattern: str) -> _Check | None:
+def pattern_check(pattern: str) -> _Check | None:
+    """A model pattern as a full-match predicate, or None when it cannot be expressed.
+
+    The one translation of the model's (Java) patterns: the control plane's wire
+    validation and the registry's in-process validation both use it.
+    """
     if pattern in _JAVA_PATTERNS:
         return _JAVA_PATTERNS[pattern]
+    for java, python in _JAVA_CLASSES.items():
+        pattern = pattern.replace(java, python)
     try:
         compiled = re.compile(pattern, re.ASCII)
     except re.error:
@@ -118,7 +134,7 @@ def _scalar_problems(shape: Shape, value: Any) -> list[str]:
             problems.append(f"Member must have length less than or equal to {meta['max']}")
         if "min" in meta and len(value) < meta["min"]:
             problems.append(f"Member must have length greater than or equal to {meta['min']}")
-        check = _pattern_check(meta["pattern"]) if "pattern" in meta else None
+        check = pattern_check(meta["pattern"]) if "pattern" in meta else None
         if check is not None and not check(value):
             problems.append(
                 f"Member must satisfy regular expression pattern: {meta['pattern']}")
