@@ -48,6 +48,7 @@ __all__ = [
     "MqttTransport",
     "PublishRefused",
     "ResponseTimeout",
+    "SlotContext",
     "SubscribeRefused",
     "TlsIdentity",
     "TransportError",
@@ -171,20 +172,63 @@ def ssl_context(identity: TlsIdentity) -> ssl.SSLContext:
 @functools.lru_cache(maxsize=4096)
 def _build_context(identity: TlsIdentity,
                    stamps: tuple[tuple[int, int, int], ...]) -> ssl.SSLContext:
+    ctx = _trusting_context(identity.ca_file, identity.server_name, identity.alpn)
+    _load_identity(ctx, identity.cert_file, identity.key_file)
+    return ctx
+
+
+def _trusting_context(ca_file: Path, server_name: str | None,
+                      alpn: tuple[str, ...]) -> _NamedContext:
+    """A client context that trusts ``ca_file`` and names the server, without an identity."""
     ctx = _NamedContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
-        ctx.load_verify_locations(cafile=str(identity.ca_file))
-        ctx.load_cert_chain(str(identity.cert_file), str(identity.key_file))
+        ctx.load_verify_locations(cafile=str(ca_file))
+    except (ssl.SSLError, OSError) as exc:
+        raise ConnectRefused(f"cannot load the CA {ca_file.name}: "
+                             f"{getattr(exc, 'reason', None) or type(exc).__name__}") from None
+    if alpn:
+        ctx.set_alpn_protocols(list(alpn))
+    ctx.server_name = server_name
+    return ctx
+
+
+def _load_identity(ctx: ssl.SSLContext, cert_file: Path, key_file: Path) -> None:
+    try:
+        ctx.load_cert_chain(str(cert_file), str(key_file))
     except (ssl.SSLError, OSError) as exc:
         # The library text names the failing step, never the key material.
         raise ConnectRefused(
-            f"cannot load TLS identity {identity.cert_file.name}/{identity.key_file.name}: "
+            f"cannot load TLS identity {cert_file.name}/{key_file.name}: "
             f"{getattr(exc, 'reason', None) or type(exc).__name__}") from None
-    if identity.alpn:
-        ctx.set_alpn_protocols(list(identity.alpn))
-    ctx.server_name = identity.server_name
-    return ctx
+
+
+class SlotContext:
+    """One client context reused for the successive identities of one device slot.
+
+    A load generator's slot is a new device every flow, each with its own certificate. A
+    fresh ``SSLContext`` per certificate costs ~1.1 ms of CPU here (OpenSSL 3.0: the
+    context, its cipher list and the CA), of which loading the certificate and key is
+    ~0.7 ms; this class builds the context (CA, SNI, ALPN) once and only swaps the
+    identity. That is safe because OpenSSL copies a context's certificate and key into
+    each connection when the connection is made (``SSL_new``): a connection keeps the
+    identity it was made with whatever the context loads later. The slot must therefore
+    make each connection (``MqttTransport.connect``) before it calls :meth:`load` for the
+    next identity, which a slot running one flow at a time does.
+    """
+
+    def __init__(self, ca_file: Path, server_name: str | None = None,
+                 alpn: tuple[str, ...] = ()) -> None:
+        self._ctx = _trusting_context(Path(ca_file), server_name, tuple(alpn))
+
+    @classmethod
+    def for_endpoint(cls, endpoint: EndpointParams) -> SlotContext:
+        return cls(Path(endpoint.ca_file), endpoint.server_name, tuple(endpoint.alpn))
+
+    def load(self, identity: TlsIdentity) -> ssl.SSLContext:
+        """The context, now presenting ``identity``'s certificate and key."""
+        _load_identity(self._ctx, identity.cert_file, identity.key_file)
+        return self._ctx
 
 
 # --------------------------------------------------------------------------- loop driver
@@ -198,12 +242,21 @@ class LoopDriver:
     is only ever touched there. Use :meth:`shared` for the process-wide driver (started
     on first use), or build one and call :meth:`run_once` / :meth:`run_forever` from the
     thread or greenlet that should own the I/O (a Locust user).
+
+    ``cooperative=True`` is for a driver whose callers all run on the driver's own OS
+    thread (gevent greenlets, as in a Locust process): paho then writes each packet at
+    once from the greenlet that queued it, instead of telling the driver to watch the
+    socket for writing and waiting for the driver's next turn (three callbacks, a wake-up
+    and two selector changes per packet). Only a write the socket could not take whole is
+    left to the driver (:meth:`wrote`). Never use it with threads: an SSL socket must not
+    be written from one thread while another reads it.
     """
 
     _shared: ClassVar[LoopDriver | None] = None
     _shared_lock: ClassVar[threading.Lock] = threading.Lock()
 
-    def __init__(self, misc_interval: float = 1.0) -> None:
+    def __init__(self, misc_interval: float = 1.0, *, cooperative: bool = False) -> None:
+        self.cooperative = cooperative
         self._selector = selectors.DefaultSelector()
         self._ops: deque[Callable[[], None]] = deque()
         self._ops_lock = threading.Lock()
@@ -212,6 +265,7 @@ class LoopDriver:
         self._wake_w.setblocking(False)
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
         self._socks: dict[paho.Client, Any] = {}
+        self._writing: set[paho.Client] = set()  # registered for EVENT_WRITE (cooperative)
         self._misc_interval = misc_interval
         self._last_misc = time.monotonic()
         self._stop = threading.Event()
@@ -231,8 +285,15 @@ class LoopDriver:
         """Route ``client``'s socket through this loop (before ``client.connect``)."""
         client.on_socket_open = self._on_open
         client.on_socket_close = self._on_close
-        client.on_socket_register_write = self._on_register_write
-        client.on_socket_unregister_write = self._on_unregister_write
+        if not self.cooperative:  # without them, paho writes at once (see the class doc)
+            client.on_socket_register_write = self._on_register_write
+            client.on_socket_unregister_write = self._on_unregister_write
+
+    def wrote(self, client: paho.Client) -> None:
+        """``client`` just queued a packet (caller's thread). A cooperative driver watches
+        its socket for writing if paho could not write it all at once."""
+        if self.cooperative and client.want_write():
+            self.call_soon(lambda: self._sync_write(client))
 
     def call_soon(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` on the loop's thread at its next turn."""
@@ -279,6 +340,7 @@ class LoopDriver:
     def _unregister(self, client: paho.Client, sock: Any) -> None:
         if self._socks.get(client) is sock:
             del self._socks[client]
+            self._writing.discard(client)
         try:
             self._selector.unregister(sock)
         except (KeyError, ValueError, OSError):
@@ -293,6 +355,19 @@ class LoopDriver:
             self._selector.modify(current, events, client)
         except (KeyError, ValueError, OSError):  # closed under us: its close op follows
             pass
+
+    def _sync_write(self, client: paho.Client) -> None:
+        """Cooperative mode: watch the socket for writing exactly while paho has bytes left."""
+        sock = self._socks.get(client)
+        if sock is None:
+            return
+        want = client.want_write()
+        if want != (client in self._writing):
+            if want:
+                self._writing.add(client)
+            else:
+                self._writing.discard(client)
+            self._want_write(client, sock, want)
 
     def _apply_ops(self) -> None:
         while True:
@@ -334,11 +409,15 @@ class LoopDriver:
                 sock: Any = key.fileobj
                 while client.socket() is sock and _pending(sock) > 0:
                     self._guard(client, client.loop_read)
+            if self.cooperative and (mask & selectors.EVENT_WRITE or client.want_write()):
+                self._sync_write(client)  # e.g. a PUBACK written from loop_read
         now = time.monotonic()
         if now - self._last_misc >= self._misc_interval:
             self._last_misc = now
             for client in list(self._socks):
                 self._guard(client, client.loop_misc)
+                if self.cooperative:
+                    self._sync_write(client)
         self._apply_ops()
 
     def run_forever(self) -> None:
@@ -384,6 +463,11 @@ def _hard_close(sock: Any) -> None:
 # --------------------------------------------------------------------------- transport
 
 
+def _debug_line(line: str) -> None:
+    log.debug("%s", line)
+
+
+
 @dataclass(frozen=True)
 class Message:
     topic: str
@@ -408,14 +492,21 @@ class MqttTransport:
     def __init__(self, client_id: str, endpoint: EndpointParams, identity: TlsIdentity, *,
                  version: MqttVersion = MqttVersion.V3_1_1, keepalive: int = 60,
                  driver: LoopDriver | None = None,
-                 log_line: Callable[[str], None] | None = None) -> None:
+                 log_line: Callable[[str], None] | None = None,
+                 context: ssl.SSLContext | None = None) -> None:
+        """``context`` is the client context to connect with, already presenting
+        ``identity`` (a load slot's :class:`SlotContext`, or a context its caller shares);
+        by default, :func:`ssl_context` of ``identity``."""
         self.client_id = client_id
         self.endpoint = endpoint
         self.identity = identity
         self.version = MqttVersion(version)
         self.keepalive = keepalive
         self._driver = driver
-        self._log = log_line or (lambda line: log.debug("%s", line))
+        self._context = context
+        self._log = log_line or _debug_line
+        #: Whether ``_log`` lines are worth formatting (a load run makes ~10 per flow).
+        self._logging = log_line is not None or log.isEnabledFor(logging.DEBUG)
         self._cond = threading.Condition()
         self._client: paho.Client | None = None
         self._connack: int | None = None
@@ -507,7 +598,7 @@ class MqttTransport:
         """TCP + TLS (blocking, in this thread) then CONNECT; returns once CONNACK accepts."""
         if self._client is not None:
             raise TransportError("a transport connects once; make a new one")
-        context = ssl_context(self.identity)
+        context = self._context or ssl_context(self.identity)
         v5 = self.version is MqttVersion.V5
         client = paho.Client(
             CallbackAPIVersion.VERSION2, client_id=self.client_id,
@@ -537,6 +628,7 @@ class MqttTransport:
         except OSError as exc:
             self._mark_closed(f"cannot reach {target}: {exc.strerror or type(exc).__name__}")
             raise ConnectRefused(self._close_reason or "") from None
+        self._wrote(client)  # CONNECT
         with self._cond:
             done = self._wait(lambda: self._connack is not None or self._closed, deadline)
             connack = self._connack
@@ -549,8 +641,9 @@ class MqttTransport:
         if connack != 0:
             raise ConnectRefused(f"{target} refused CONNECT (0x{connack:02X})",
                                  reason_code=connack)
-        self._log(f"event=connected client_id={self.client_id} "
-                  f"mqtt={'5' if v5 else '3.1.1'} cert={self.identity.cert_file.name}")
+        if self._logging:
+            self._log(f"event=connected client_id={self.client_id} "
+                      f"mqtt={'5' if v5 else '3.1.1'} cert={self.identity.cert_file.name}")
 
     def _mark_closed(self, reason: str) -> None:
         with self._cond:
@@ -558,6 +651,10 @@ class MqttTransport:
             self._connected = False
             self._close_reason = reason
             self._cond.notify_all()
+
+    def _wrote(self, client: paho.Client) -> None:
+        if self._driver is not None:
+            self._driver.wrote(client)
 
     def _require_client(self) -> paho.Client:
         if self._client is None:
@@ -579,6 +676,7 @@ class MqttTransport:
         client = self._require_client()
         wanted = list(filters)
         rc, mid = client.subscribe([(f, qos) for f in wanted])
+        self._wrote(client)
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
             with self._cond:
                 raise self._lost(f"SUBSCRIBE {wanted}")
@@ -589,17 +687,20 @@ class MqttTransport:
             raise SubscribeRefused(refused)
         with self._cond:
             self._subscribed.update(wanted)
-        self._log(f"event=subscribed filters={wanted}")
+        if self._logging:
+            self._log(f"event=subscribed filters={wanted}")
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, timeout: float = 10.0) -> None:
         """PUBLISH; at QoS 1 wait for the PUBACK (MQTT 5 failure codes raise PublishRefused;
         a 3.1.1 endpoint closes the connection instead, raising ConnectionLost)."""
         client = self._require_client()
         info = client.publish(topic, payload, qos=qos)
+        self._wrote(client)
         if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             with self._cond:
                 raise self._lost(f"PUBLISH {topic}")
-        self._log(f"event=publish topic={topic} bytes={len(payload)} qos={qos}")
+        if self._logging:
+            self._log(f"event=publish topic={topic} bytes={len(payload)} qos={qos}")
         if qos == 0:
             return
         codes = self._wait_ack(info.mid, timeout, f"PUBLISH {topic}")
@@ -632,7 +733,8 @@ class MqttTransport:
         finally:
             with self._cond:
                 self._waiters.remove(waiter)
-        self._log(f"event=reply topic={reply.topic} bytes={len(reply.payload)}")
+        if self._logging:
+            self._log(f"event=reply topic={reply.topic} bytes={len(reply.payload)}")
         return reply
 
     def next_message(self, timeout: float = 10.0) -> Message:
@@ -653,12 +755,14 @@ class MqttTransport:
         with self._cond:
             self._close_reason = "disconnected by the device"
         client.disconnect()
+        self._wrote(client)
         deadline = time.monotonic() + timeout
         with self._cond:
             closed = self._wait(lambda: self._closed, deadline)
         if not closed:
             self.abort()
-        self._log(f"event=disconnected client_id={self.client_id}")
+        if self._logging:
+            self._log(f"event=disconnected client_id={self.client_id}")
 
     def abort(self, timeout: float = 5.0) -> None:
         """Drop the connection without DISCONNECT, as a power cut does."""
@@ -675,4 +779,5 @@ class MqttTransport:
         deadline = time.monotonic() + timeout
         with self._cond:
             self._wait(lambda: self._closed, deadline)
-        self._log(f"event=dropped client_id={self.client_id}")
+        if self._logging:
+            self._log(f"event=dropped client_id={self.client_id}")

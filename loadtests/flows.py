@@ -17,7 +17,9 @@ embedded emulator and in a Locust greenlet (where ``time.sleep``, sockets and
 from __future__ import annotations
 
 import logging
+import os
 import random
+import ssl
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -28,7 +30,14 @@ from typing import Any
 from botocore.exceptions import ClientError
 
 from devices.base import CertApi, EndpointParams, Flow, MqttVersion, coerce_enum
-from devices.mqtt_transport import ConnectRefused, LoopDriver, MqttTransport, TlsIdentity
+from devices.mqtt_transport import (
+    ConnectRefused,
+    LoopDriver,
+    MqttTransport,
+    SlotContext,
+    TlsIdentity,
+    ssl_context,
+)
 from devices.mqtt_transport import TransportError as MqttTransportError
 from devices.virtual import KeyType, ProvisioningClient, Rejected, RetryPolicy, generate_key
 from harness import pki
@@ -51,6 +60,8 @@ SERIAL_PARAMETER = "SerialNumber"
 ABORT_WAIT_S = 1.0
 #: Failures whose reason a process logs (the rest are counted in Locust's tables).
 MAX_LOGGED_FAILURES = 20
+#: The slot's file holding the current device's private key and certificate (0600).
+DEVICE_FILE = "device.pem"
 
 
 @dataclass(frozen=True)
@@ -214,6 +225,32 @@ class DeviceSlot:
         if settings.flow is Flow.TRUSTED_USER and target.issuer is None:
             raise ValueError("a trusted-user flow needs a claim issuer (control plane)")
         self.workdir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.workdir, 0o700)  # it holds the current device's key
+        # TLS contexts (see SlotContext): the shared claim's is built on first use; a new
+        # device's certificate (and a trusted user's temporary claim) is loaded into a
+        # context the slot reuses, each connection made before the next identity is loaded
+        # (one flow at a time).
+        self._claim_context: ssl.SSLContext | None = None
+        self.device_context = SlotContext.for_endpoint(target.endpoint)
+        self.temporary_claim_context = (SlotContext.for_endpoint(target.endpoint)
+                                        if target.issuer is not None else None)
+
+    def claim_context(self) -> ssl.SSLContext:
+        """The shared claim's context (claim flows), built once per slot."""
+        if self._claim_context is None:
+            assert self.target.claim is not None
+            self._claim_context = ssl_context(self.target.claim)
+        return self._claim_context
+
+    def device_identity(self, key_pem: str, certificate_pem: str) -> TlsIdentity:
+        """The current device's key and certificate as one 0600 file in the slot's private
+        directory (a load slot keeps no flash: this file only feeds the TLS context)."""
+        path = self.workdir / DEVICE_FILE
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(key_pem)
+            fh.write(certificate_pem)
+        return TlsIdentity.for_endpoint(self.target.endpoint, path, path)
 
     # -- one flow ------------------------------------------------------------------------------
     def run(self, serial: str) -> FlowOutcome:
@@ -255,15 +292,18 @@ class _FlowRun:
         self.steps.append(StepTiming(name.value, started, duration, code))
         self.slot.sink.step(name, duration, code)
 
-    def connect(self, client_id: str, identity: TlsIdentity) -> MqttTransport:
-        """CONNECT; retried with backoff while MQTT 5 says the connect rate is exceeded."""
+    def connect(self, client_id: str, identity: TlsIdentity,
+                context: ssl.SSLContext) -> MqttTransport:
+        """CONNECT with ``context`` (presenting ``identity``); retried with backoff while
+        MQTT 5 says the connect rate is exceeded."""
         settings = self.settings
         attempt = 0
         while True:
             attempt += 1
             transport = MqttTransport(client_id, self.target.endpoint, identity,
                                       version=settings.mqtt_version,
-                                      keepalive=settings.keepalive_s, driver=self.slot.driver)
+                                      keepalive=settings.keepalive_s, driver=self.slot.driver,
+                                      context=context)
             self.open.append(transport)
             try:
                 transport.connect(settings.connect_timeout_s)
@@ -330,16 +370,21 @@ class _FlowRun:
                 log.debug("event=abort_failed client_id=%s", transport.client_id)
 
     def provision(self) -> None:
-        settings, target, workdir = self.settings, self.target, self.slot.workdir
+        settings, target, slot = self.settings, self.target, self.slot
         claim = target.claim
         if settings.flow is Flow.TRUSTED_USER:
             assert target.issuer is not None
             with self.step(StepName.CREATE_PROVISIONING_CLAIM):
-                claim = target.issuer.issue(workdir, target.endpoint, settings.retry,
-                                            self.slot.rng, self.meter)
+                claim = target.issuer.issue(slot.workdir, target.endpoint, settings.retry,
+                                            slot.rng, self.meter)
         assert claim is not None
         with self.step(StepName.CONNECT_CLAIM):
-            claim_conn = self.connect(f"{self.serial}-claim", claim)
+            if settings.flow is Flow.TRUSTED_USER:
+                assert slot.temporary_claim_context is not None
+                claim_context = slot.temporary_claim_context.load(claim)
+            else:
+                claim_context = slot.claim_context()
+            claim_conn = self.connect(f"{self.serial}-claim", claim, claim_context)
         client = self.client(claim_conn)
         api = settings.api
         key_pem: str | None = None
@@ -364,12 +409,10 @@ class _FlowRun:
         self.thing_name = registered.thing_name or target.thing_name(self.serial)
         self.close(claim_conn)
         assert key_pem is not None
-        cert_path, key_path = workdir / "device.pem", workdir / "device.key"
-        pki.write_secret(key_path, key_pem)
-        pki.write_public(cert_path, issued.certificate_pem)
-        identity = TlsIdentity.for_endpoint(target.endpoint, cert_path, key_path)
+        identity = slot.device_identity(key_pem, issued.certificate_pem)
         with self.step(StepName.CONNECT_DEVICE):
-            device_conn = self.connect(self.thing_name, identity)
+            device_conn = self.connect(self.thing_name, identity,
+                                       slot.device_context.load(identity))
         online = self.slot.online or (lambda _delta: None)
         online(+1)
         try:

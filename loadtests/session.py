@@ -270,7 +270,7 @@ class LoadSession:
         profile = getattr(self.options, "fleet_aws_profile", "") or None
         self.target = open_target(handoff, self.workdir / "fleet", trusted_user=True,
                                   profile=profile)
-        self.driver = LoopDriver()
+        self.driver = LoopDriver(cooperative=True)  # every user is a greenlet of this thread
         self._driver_greenlet = gevent.spawn(self.driver.run_forever)
         self.ready.set()
 

@@ -10,6 +10,7 @@ broken endpoint or a lying device would produce them.
 from __future__ import annotations
 
 import dataclasses
+import json
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 import pytest
 
 from devices.base import CertApi, Flow
+from harness import pki
 from loadtests.events import FlowJournal, FlowOutcome, StepName, new_serial
 from loadtests.fleet_setup import FleetHandoff, LoadFleet, open_target
 from loadtests.flows import DeviceSlot, FlowSettings, FlowTarget
@@ -120,6 +122,108 @@ def test_every_flow_is_a_fresh_device_from_claim_to_its_own_certificate(
     assert [o.thing_name for o in outcomes] == [target.thing_name(o.serial) for o in outcomes]
     assert sink.steps == 2 * [("connect(claim)", None), (api_step, None),
                               ("RegisterThing", None), ("connect(device)", None)]
+
+
+def test_a_slot_connects_each_device_with_its_own_certificate(
+        endpoint: Any, target: FlowTarget, tmp_path: Path) -> None:
+    # The slot reuses one TLS context and swaps the identity per device (SlotContext):
+    # the endpoint must see every device's CONNECT with that device's certificate.
+    outcomes = run_flows(target, tmp_path, 3)
+    assert all(o.ok for o in outcomes), [(o.failed_step, o.error_code) for o in outcomes]
+    for o in outcomes:
+        assert o.certificate_id is not None
+        connects = endpoint.admin.events(certificate_id=o.certificate_id, kinds=["connect"],
+                                         wait=5)
+        assert [e.client_id for e in connects] == [o.thing_name]
+    device_file = tmp_path / "device.pem"
+    assert device_file.stat().st_mode & 0o777 == 0o600
+    assert tmp_path.stat().st_mode & 0o777 == 0o700
+
+
+def test_a_connection_keeps_the_identity_it_was_made_with_when_the_slot_loads_the_next(
+        endpoint: Any, target: FlowTarget, tmp_path: Path) -> None:
+    # SlotContext's premise: OpenSSL copies the context's certificate into a connection
+    # when the connection is made, so loading the next identity cannot change it.
+    import socket
+
+    from devices.mqtt_transport import SlotContext, TlsIdentity
+    from harness.emulator.mqtt.codec import Decoder, encode
+    from harness.emulator.mqtt.packets import Connack, Connect
+
+    assert target.claim is not None
+    slot = DeviceSlot(target, FlowSettings(), tmp_path / "slot", Sink())
+    device = slot.run(new_serial())
+    assert device.ok and device.certificate_id
+    other = TlsIdentity.for_endpoint(target.endpoint, tmp_path / "slot" / "device.pem",
+                                     tmp_path / "slot" / "device.pem")
+    contexts = SlotContext.for_endpoint(target.endpoint)
+    ctx = contexts.load(target.claim)
+    sock = socket.create_connection((target.endpoint.host, target.endpoint.port), timeout=10)
+    tls = ctx.wrap_socket(sock, do_handshake_on_connect=False)
+    contexts.load(other)  # after the connection was made, before its handshake
+    client_id = f"slot-{uuid.uuid4().hex[:8]}"
+    try:
+        tls.do_handshake()
+        tls.sendall(encode(Connect(4, client_id, keep_alive=60), 4))
+        decoder, packets = Decoder(protocol_level=4), []
+        while not packets:
+            packets = decoder.feed(tls.recv(4096))
+        assert isinstance(packets[0], Connack) and packets[0].reason_code == 0
+    finally:
+        tls.close()
+    connects = endpoint.admin.events(client_id=client_id, kinds=["connect"], wait=5)
+    assert [e.certificate_id for e in connects] == \
+        [pki.certificate_id(target.claim.cert_file.read_text())]
+
+
+COOPERATIVE_RUN = """
+import json, sys
+from gevent import monkey
+monkey.patch_all()
+import gevent
+from pathlib import Path
+from devices.mqtt_transport import LoopDriver
+from loadtests.events import new_serial
+from loadtests.fleet_setup import FleetHandoff, open_target
+from loadtests.flows import DeviceSlot, FlowSettings
+
+handoff, workdir = FleetHandoff.from_json(sys.stdin.read()), Path(sys.argv[1])
+target = open_target(handoff, workdir / "fleet", trusted_user=False)
+driver = LoopDriver(cooperative=True)
+loop = gevent.spawn(driver.run_forever)
+
+class Sink:
+    def step(self, *args): pass
+    def throttle(self, *args): pass
+
+def user(n):
+    slot = DeviceSlot(target, FlowSettings(), workdir / f"slot-{n}", Sink(), driver=driver)
+    return [slot.run(new_serial()) for _ in range(2)]
+
+users = [gevent.spawn(user, n) for n in range(6)]
+gevent.joinall(users, timeout=60)
+driver.stop()
+loop.join(5)
+print(json.dumps([o.to_wire() for u in users for o in u.value or ()]))
+"""
+
+
+def test_a_cooperative_loop_driver_serves_greenlets_that_write_inline(
+        endpoint: Any, fleet: LoadFleet, tmp_path: Path) -> None:
+    # issue 8: a Locust process (gevent) drives every connection from one loop; its users'
+    # packets are written at once from their own greenlets (LoopDriver(cooperative=True))
+    import subprocess
+    import sys
+
+    assert fleet.handoff is not None
+    done = subprocess.run([sys.executable, "-c", COOPERATIVE_RUN, str(tmp_path)],
+                          input=fleet.handoff.to_json(), capture_output=True, text=True,
+                          timeout=120, check=True)
+    outcomes = [FlowOutcome.from_wire(w) for w in json.loads(done.stdout.splitlines()[-1])]
+    assert len(outcomes) == 12
+    assert all(o.ok for o in outcomes), [(o.failed_step, o.error_code) for o in outcomes]
+    report = check_run(endpoint.iot, fleet.prefix, outcomes)
+    assert report.ok and report.verified == 12, report.summary_lines()
 
 
 def test_a_trusted_user_device_gets_its_claim_from_the_control_plane_first(
