@@ -107,6 +107,27 @@ def pin(pid: int, cpus: Sequence[int] | None) -> None:
             os.sched_setaffinity(pid, set(cpus))
 
 
+def pin_process_tree(pid: int, cpus: Sequence[int] | None) -> None:
+    """Pin every thread of ``pid`` and of its descendants to ``cpus`` (None: to every CPU
+    this process may use, i.e. unpin). :func:`pin` moves only the main thread, and a
+    server started before it is pinned already has its executor threads and workers."""
+    import psutil
+
+    wanted = set(cpus) if cpus else os.sched_getaffinity(0)
+    try:
+        pids = [pid] + [c.pid for c in psutil.Process(pid).children(recursive=True)]
+    except psutil.Error:
+        return
+    for proc in pids:
+        try:
+            tids = [int(t) for t in os.listdir(f"/proc/{proc}/task")]
+        except OSError:
+            continue  # exited
+        for tid in tids:
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(tid, wanted)
+
+
 def cpu_plan(pinned: bool) -> tuple[list[int] | None, list[int] | None]:
     """(broker CPUs, load-generator CPUs): broker on CPU 0, load on the rest, when pinning."""
     cpus = sorted(os.sched_getaffinity(0))
@@ -440,11 +461,17 @@ def tls_note(started: Mapping[str, BrokerProcess]) -> str:
 
 def client_context(target: Target) -> ssl.SSLContext:
     """The one client context a load generator shares between all its connections."""
+    ctx = trusting_context(target)
+    ctx.load_cert_chain(target.client_cert, target.client_key)
+    return ctx
+
+
+def trusting_context(target: Target) -> ssl.SSLContext:
+    """A client context trusting ``target``'s CAs, without a client identity yet."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     for ca_file in target.ca_files:
         ctx.load_verify_locations(cafile=ca_file)
-    ctx.load_cert_chain(target.client_cert, target.client_key)
     return ctx
 
 

@@ -1,0 +1,37 @@
+"""Smoke run of the provisioning flow benchmark (bench/provisioning_flows.py, issue 3).
+
+No speed assertions (speed is measured by benchmarks, not timed tests): the ``--quick``
+configuration runs a few complete CSR flows against a stock emulator subprocess, once
+with the emulator pinned apart from the load generator and once with both sharing every
+CPU, and the report states both figures.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="pinning needs two CPUs")
+def test_quick_csr_flows_are_measured_pinned_and_shared_and_reported_both_ways(
+        tmp_path: Path) -> None:
+    out = tmp_path / "flows.json"
+    proc = subprocess.run([sys.executable, "-m", "bench.provisioning_flows", "--quick",
+                           "--only", "csr", "--json", str(out)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=180, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    measurements = json.loads(out.read_text())["measurements"]
+    assert [m["cpus"] for m in measurements] == ["pinned", "shared"]
+    for m in measurements:
+        assert m["ops"] > 0 and m["errors"] == 0, m
+        assert m["server_cpu_ms_per_op"] > 0 and m["client_cpu_ms_per_op"] > 0
+    assert "emulator capacity per core:" in proc.stdout
+    cpus = len(os.sched_getaffinity(0))
+    assert f"on {cpus} shared CPUs, load generator included:" in proc.stdout
