@@ -467,7 +467,6 @@ def _debug_line(line: str) -> None:
     log.debug("%s", line)
 
 
-
 @dataclass(frozen=True)
 class Message:
     topic: str
