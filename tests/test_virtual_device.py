@@ -329,6 +329,59 @@ def test_one_external_loop_drives_many_clients(mqtt_endpoint, claim):
     assert not runner.is_alive()
 
 
+class _FakeClient:
+    """What LoopDriver uses of a paho client, with a write backlog a test controls."""
+
+    def __init__(self, sock: Any) -> None:
+        self.sock = sock
+        self.backlog = 0
+        self.writes = 0
+
+    def want_write(self) -> bool:
+        return self.backlog > 0
+
+    def loop_write(self) -> None:
+        self.writes += 1
+        self.backlog = 0
+
+    def loop_read(self) -> None:
+        self.sock.recv(4096)
+
+    def loop_misc(self) -> None:
+        pass
+
+    def socket(self) -> Any:
+        return self.sock
+
+
+def test_a_cooperative_driver_watches_for_writing_only_while_paho_has_bytes_left():
+    # A cooperative driver leaves writing to paho (inline, from the greenlet that queued
+    # the packet); a write the socket did not take whole is finished by the driver.
+    import selectors
+    import socket
+
+    driver = LoopDriver(cooperative=True)
+    mine, peer = socket.socketpair()
+    client = _FakeClient(mine)
+    try:
+        driver._on_open(cast(Any, client), None, mine)
+        driver.run_once(0)
+        assert driver._selector.get_key(mine).events == selectors.EVENT_READ
+        driver.wrote(cast(Any, client))  # nothing left: nothing to watch
+        driver.run_once(0)
+        assert driver._selector.get_key(mine).events == selectors.EVENT_READ
+        client.backlog = 1  # paho could not write it all
+        driver.wrote(cast(Any, client))
+        driver.run_once(0)  # watches for writing, the socket is writable, paho writes
+        assert client.writes == 1 and not client.want_write()
+        assert driver._selector.get_key(mine).events == selectors.EVENT_READ
+    finally:
+        driver._on_close(cast(Any, client), None, mine)
+        driver.run_once(0)
+        mine.close()
+        peer.close()
+
+
 def test_abort_drops_the_connection_without_disconnect(endpoint, mqtt_endpoint, claim):
     # issue 10: a power cut, seen from the endpoint, is a connection lost without DISCONNECT
     transport = claim_transport(mqtt_endpoint, claim, MqttVersion.V3_1_1)
