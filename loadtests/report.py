@@ -263,6 +263,29 @@ def _fmt(value: Any, unit: str = "") -> str:
     return f"{value}{unit}"
 
 
+#: Issue 8's targets for CSR claim flows with the emulator and Locust on one machine.
+TARGET_CSR_FLOWS_PER_S = 150.0
+TARGET_LOAD_TO_EMULATOR = 1.5
+
+
+def target_lines(settings: Mapping[str, Any]) -> list[str]:
+    """Issue 8's verdicts, for a claim-csr run whose emulator's CPU was measured (a local
+    emulator on this machine); nothing for any other run, where they mean nothing."""
+    cpu = settings.get("cpu") or {}
+    ratio = cpu.get("load_to_emulator_ratio")
+    if (settings.get("flow") or {}).get("user_classes") != ["ClaimCsrUser"] or ratio is None:
+        return []
+    totals, rates = settings.get("totals") or {}, settings.get("rates") or {}
+    sustained = float(rates.get("sustained_flows_per_s") or 0.0)
+    failed = int(totals.get("failed") or 0)
+    rate_ok = sustained >= TARGET_CSR_FLOWS_PER_S and failed == 0
+    cpu_ok = ratio <= TARGET_LOAD_TO_EMULATOR
+    return [f"issue 8 targets: >= {TARGET_CSR_FLOWS_PER_S:g} CSR flows/s sustained with no "
+            f"failures: {'meets' if rate_ok else 'MISSES'} ({sustained:,.1f} flows/s, "
+            f"{failed} failed); load generator CPU per flow <= {TARGET_LOAD_TO_EMULATOR:g}x "
+            f"the emulator's: {'meets' if cpu_ok else 'MISSES'} ({ratio:.2f}x)"]
+
+
 def summary_lines(record: RunRecord) -> list[str]:
     """The run's summary as the command prints it (from the record alone)."""
     load = record.load
@@ -290,6 +313,7 @@ def summary_lines(record: RunRecord) -> list[str]:
             f" ms ({cpu.get('load_generator_processes')} process(es)), emulator "
             f"{_fmt(cpu.get('emulator_ms_per_flow'))} ms, ratio "
             f"{_fmt(cpu.get('load_to_emulator_ratio'))}")
+        lines.extend(target_lines(s))
     if (s.get("flow") or {}).get("hold_s"):
         rss = cpu.get("load_generator_peak_rss_mib") or []
         lines.append(f"devices connected at once (--hold): {s['peak_connected_devices']}; "

@@ -193,3 +193,22 @@ def test_serials_are_twelve_hex_digits_and_unique_enough_for_many_workers() -> N
 
 def test_api_step_names_are_awss_operation_names() -> None:
     assert [StepName.for_api(a).value for a in Api] == [a.value for a in Api]
+
+
+def test_a_claim_csr_run_states_issue_8s_targets_and_other_runs_do_not() -> None:
+    # issue 8: >= 150 CSR flows/s with no failures; load generator CPU within 1.5x the emulator's
+    from loadtests.report import target_lines
+
+    def settings(users: list[str], sustained: float, failed: int,
+                 ratio: float | None) -> dict[str, Any]:
+        return {"flow": {"user_classes": users}, "totals": {"failed": failed},
+                "rates": {"sustained_flows_per_s": sustained},
+                "cpu": {"load_to_emulator_ratio": ratio}}
+
+    (line,) = target_lines(settings(["ClaimCsrUser"], 151.0, 0, 1.2))
+    assert "150 CSR flows/s sustained with no failures: meets (151.0 flows/s, 0 failed)" in line
+    assert "<= 1.5x the emulator's: meets (1.20x)" in line
+    (line,) = target_lines(settings(["ClaimCsrUser"], 160.0, 3, 1.6))
+    assert "failures: MISSES" in line and "emulator's: MISSES (1.60x)" in line
+    assert target_lines(settings(["ClaimKeysUser"], 10.0, 0, 1.0)) == []
+    assert target_lines(settings(["ClaimCsrUser"], 10.0, 0, None)) == []  # AWS: no emulator CPU
