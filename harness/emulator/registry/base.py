@@ -278,7 +278,7 @@ class RegistryCore:
                     kwargs: dict[str, Any]) -> None:
         if args:
             raise TypeError(f"{method}() takes keyword arguments only (the operation's members)")
-        unknown = set(kwargs) - set(input_members(operation))
+        unknown = kwargs.keys() - input_members(operation).keys()
         if unknown:
             raise TypeError(f"{method}() got unexpected keyword arguments: {sorted(unknown)}")
         validate_input(operation, kwargs)
