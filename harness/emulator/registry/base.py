@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import random
 import threading
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -317,7 +318,10 @@ class RegistryCore:
 
     @staticmethod
     def _new_id() -> str:
-        return str(uuid.uuid4())
+        """A version-4 UUID for AWS's ids (thingId, generationId): unique, never secret, so
+        the process's PRNG serves (``uuid4`` makes a getrandom syscall per id, and a
+        RegisterThing needs four)."""
+        return str(uuid.UUID(int=random.getrandbits(128), version=4))
 
     def _certificate_id_of(self, principal: str) -> str | None:
         """The certificate id in a certificate ARN of this account, else None."""
