@@ -267,7 +267,8 @@ class ProvisioningService:
                           caller.client_id)
             response = ErrorResponse.from_error(protocol.internal_error())
         ok = not isinstance(response, ErrorResponse)
-        topic = protocol.accepted(request.topic) if ok else protocol.rejected(request.topic)
+        # request.topic was parsed above as a request topic: its replies are one level below
+        topic = f"{request.topic}/{protocol.ACCEPTED if ok else protocol.REJECTED}"
         detail: dict[str, Any] = {
             "source": OBSERVATION_SOURCE,
             "api": parsed.api.value,
