@@ -43,21 +43,29 @@ def _create_thing(name: str) -> Any:
     return lambda reg: reg.create_thing(thing_name=name).thing_name
 
 
+async def _one_batch(writer: RegistryWriter, fns: list[Any]) -> list[Any]:
+    """Run ``fns`` as jobs queued together: behind a job that holds the writer until they
+    are all queued, so that they make one batch. Outcomes in order (exceptions as values)."""
+    started, gate = threading.Event(), threading.Event()
+
+    def hold(_reg: Registry) -> None:
+        started.set()
+        gate.wait(10)
+
+    blocker = asyncio.ensure_future(writer.run(hold))
+    await asyncio.get_running_loop().run_in_executor(None, started.wait, 10)
+    jobs = [asyncio.ensure_future(writer.run(fn)) for fn in fns]
+    await asyncio.sleep(0)  # each job's task runs up to its await: all are queued now
+    gate.set()
+    await blocker
+    return list(await asyncio.gather(*jobs, return_exceptions=True))
+
+
 def test_jobs_waiting_together_are_committed_in_one_transaction(
         registry: Registry, writer: RegistryWriter, path: Path) -> None:
-    gate = threading.Event()
-
-    async def main() -> list[str]:
-        blocker = asyncio.ensure_future(writer.run(lambda _reg: gate.wait(10)))
-        await asyncio.sleep(0.05)  # the writer is busy with the blocker's batch
-        jobs = [asyncio.ensure_future(writer.run(_create_thing(f"t{i}"))) for i in range(5)]
-        await asyncio.sleep(0.05)
-        gate.set()
-        await blocker
-        return list(await asyncio.gather(*jobs))
-
-    assert asyncio.run(main()) == [f"t{i}" for i in range(5)]
-    assert (writer.commits, writer.jobs) == (2, 6)
+    outcomes = asyncio.run(_one_batch(writer, [_create_thing(f"t{i}") for i in range(5)]))
+    assert outcomes == [f"t{i}" for i in range(5)]
+    assert (writer.commits, writer.jobs) == (2, 6)  # the holding job's batch, then theirs
     again = reopen(registry, path)  # committed: on disk
     assert sorted(again.dump()["things"]) == [f"t{i}" for i in range(5)]
     again.close()
@@ -65,27 +73,17 @@ def test_jobs_waiting_together_are_committed_in_one_transaction(
 
 def test_a_failing_job_fails_alone_and_leaves_nothing(registry: Registry,
                                                        writer: RegistryWriter) -> None:
-    gate = threading.Event()
-
     def half_then_fail(reg: Registry) -> None:
         reg.create_thing(thing_name="half")
         reg.create_thing(thing_name="ok",  # made by the job before, differently: refused
                          attribute_payload={"attributes": {"a": "b"}})
 
-    async def main() -> list[Any]:
-        blocker = asyncio.ensure_future(writer.run(lambda _reg: gate.wait(10)))
-        await asyncio.sleep(0.05)
-        jobs = [asyncio.ensure_future(writer.run(fn))
-                for fn in (_create_thing("ok"), half_then_fail, _create_thing("after"))]
-        await asyncio.sleep(0.05)
-        gate.set()
-        await blocker
-        return list(await asyncio.gather(*jobs, return_exceptions=True))
-
-    ok, failed, after = asyncio.run(main())
+    ok, failed, after = asyncio.run(_one_batch(
+        writer, [_create_thing("ok"), half_then_fail, _create_thing("after")]))
     assert (ok, after) == ("ok", "after")
     assert isinstance(failed, ResourceAlreadyExistsException)
     assert sorted(registry.dump()["things"]) == ["after", "ok"]
+    assert writer.commits == 2
 
 
 def test_no_job_is_answered_before_its_commit(registry: Registry, writer: RegistryWriter,
@@ -109,24 +107,15 @@ def test_no_job_is_answered_before_its_commit(registry: Registry, writer: Regist
 def test_a_job_reads_what_an_earlier_job_of_its_batch_wrote(registry: Registry,
                                                             writer: RegistryWriter) -> None:
     pem = device_pem()
-    gate = threading.Event()
 
     def insert(reg: Registry) -> str:
         return reg.insert_certificate(pem, status=CertificateStatus.PENDING_ACTIVATION
                                       ).certificate_id
 
-    async def main() -> list[Any]:
-        blocker = asyncio.ensure_future(writer.run(lambda _reg: gate.wait(10)))
-        await asyncio.sleep(0.05)
-        jobs = [asyncio.ensure_future(writer.run(insert)) for _ in range(2)]
-        await asyncio.sleep(0.05)
-        gate.set()
-        await blocker
-        return list(await asyncio.gather(*jobs, return_exceptions=True))
-
-    first, second = asyncio.run(main())
+    first, second = asyncio.run(_one_batch(writer, [insert, insert]))
     assert first == pki.certificate_id(pem)
     assert isinstance(second, ResourceAlreadyExistsException)
+    assert writer.commits == 2
 
 
 def test_listeners_hear_a_batch_after_its_commit(registry: Registry,
@@ -153,7 +142,7 @@ def test_stop_commits_what_was_queued_and_refuses_new_jobs(registry: Registry) -
 
     async def main() -> None:
         job = asyncio.ensure_future(w.run(_create_thing("last")))
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # the job's task runs up to its await: it is queued
         await asyncio.get_running_loop().run_in_executor(None, w.stop)
         assert await job == "last"
         with pytest.raises(RuntimeError):
