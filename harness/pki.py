@@ -8,6 +8,7 @@ written with mode 0600 and never logged.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import ipaddress
 import os
@@ -143,9 +144,26 @@ class CertificateAuthority:
     key: PrivateKey
     cert: x509.Certificate
 
-    @property
+    @functools.cached_property
     def pem(self) -> str:
         return certificate_pem(self.cert)
+
+    @functools.cached_property
+    def _issued_base(self) -> x509.CertificateBuilder:
+        """What every certificate this CA issues starts with: its issuer name, ``CA:FALSE``
+        and the CA's key identifier (a SHA-1 of its public key). Builders are immutable, so
+        one is shared by every issue instead of being rebuilt per certificate."""
+        return (
+            x509.CertificateBuilder()
+            .issuer_name(self.cert.subject)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                    self.key.public_key()  # type: ignore[arg-type]
+                ),
+                critical=False,
+            )
+        )
 
     @classmethod
     def create(cls, common_name: str = "fleetbench emulator root CA",
@@ -180,20 +198,12 @@ class CertificateAuthority:
     def _builder(self, subject: x509.Name, public_key: object, not_before: dt.datetime,
                  not_after: dt.datetime) -> x509.CertificateBuilder:
         return (
-            x509.CertificateBuilder()
+            self._issued_base
             .subject_name(subject)
-            .issuer_name(self.cert.subject)
             .public_key(public_key)  # type: ignore[arg-type]
             .serial_number(_serial())
             .not_valid_before(not_before)
             .not_valid_after(not_after)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(
-                    self.key.public_key()  # type: ignore[arg-type]
-                ),
-                critical=False,
-            )
             .add_extension(
                 x509.SubjectKeyIdentifier.from_public_key(public_key),  # type: ignore[arg-type]
                 critical=False,
@@ -229,13 +239,10 @@ class CertificateAuthority:
     ) -> x509.Certificate:
         """A device certificate as AWS issues them: CN ``AWS IoT Certificate`` unless a subject
         is given, valid to 2049-12-31, ``CA:FALSE`` and ``digitalSignature`` (critical)."""
-        subject = subject or x509.Name(
-            [x509.NameAttribute(NameOID.COMMON_NAME, "AWS IoT Certificate")]
-        )
         start = not_before or (_now() - dt.timedelta(minutes=1))
         return (
-            self._builder(subject, public_key, start, not_after)
-            .add_extension(_key_usage(signs_certificates=False), critical=True)
+            self._builder(subject or _AWS_DEVICE_SUBJECT, public_key, start, not_after)
+            .add_extension(_DEVICE_KEY_USAGE, critical=True)
             .sign(self.key, hashes.SHA256())
         )
 
@@ -269,3 +276,8 @@ def _key_usage(*, signs_certificates: bool) -> x509.KeyUsage:
                          key_encipherment=False, data_encipherment=False, key_agreement=False,
                          key_cert_sign=signs_certificates, crl_sign=signs_certificates,
                          encipher_only=False, decipher_only=False)
+
+
+#: The subject AWS gives the certificates it issues when no CSR subject is copied (§1.2).
+_AWS_DEVICE_SUBJECT = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "AWS IoT Certificate")])
+_DEVICE_KEY_USAGE = _key_usage(signs_certificates=False)

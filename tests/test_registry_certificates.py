@@ -450,3 +450,14 @@ def test_list_certificates_pages_with_markers_newest_first(registry: Registry) -
         registry.list_certificates(marker="bm90IGEgbGlzdA==")
     with pytest.raises(InvalidRequestException):
         registry.list_certificates(page_size=251)
+
+
+def test_a_device_certificate_leaves_the_trust_anchors_alone(registry: Registry) -> None:
+    # only CA and SNI_ONLY certificates are anchors (the registry skips recomputing them)
+    events = EventLog()
+    registry.add_listener(events)
+    cert = registry.insert_certificate(device_pem(emulator_ca()),
+                                       status=CertificateStatus.PENDING_ACTIVATION)
+    registry.update_certificate(certificate_id=cert.certificate_id, new_status="ACTIVE")
+    assert events.kinds() == ["certificate_status", "certificate_status"]
+    assert registry.trust_anchors_pem() == [emulator_ca().pem]

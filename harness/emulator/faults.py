@@ -770,6 +770,8 @@ class FaultInjector:
     def on_request(self, api: str, *, client_id: str, certificate_id: str | None,
                    template: str | None = None) -> RequestFault | None:
         """An MQTT provisioning request arrived (see :class:`RequestFault`)."""
+        if DecisionPoint.REQUEST not in self._points:  # no plan: not even a context to build
+            return None
         applied = self.decide(FaultContext(DecisionPoint.REQUEST, api, client_id,
                                            certificate_id, template))
         return RequestFault(self, applied, api, client_id) if applied is not None else None

@@ -1,9 +1,10 @@
 """Apply an evaluated provisioning template to the registry (spec fleet-provisioning.md §1.4
 step 7, §3.2, §3.3).
 
-Runs in an executor thread inside the caller's ``registry.transaction()``: every write
-joins that one transaction, so RegisterThing either commits everything (thing, type,
-groups, billing group, policies, attachments, certificate status) or nothing. What
+Runs on the registry writer thread (:mod:`harness.emulator.registry.writer`) inside the
+caller's transaction (a savepoint of a group commit): every write joins it, so
+RegisterThing either commits everything (thing, type, groups, billing group, policies,
+attachments, certificate status) or nothing. What
 the template references but does not create (thing type, thing groups, billing group,
 named policies) must already exist; a missing one, an ``OverrideSettings`` ``FAIL``
 conflict or a registry refusal becomes the ``rejected`` payload the device sees.

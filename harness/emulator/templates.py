@@ -262,10 +262,13 @@ def certificate_parameters(cert: x509.Certificate, certificate_id: str) -> dict[
     """Automatic parameters for ``cert`` (spec §3.4): the id, plus each subject-derived
     one the subject carries (first value when an attribute repeats)."""
     params = {CERTIFICATE_ID_PARAMETER: certificate_id}
+    first: dict[x509.ObjectIdentifier, Any] = {}
+    for attribute in cert.subject:  # one parse of the subject (each .subject builds a Name)
+        first.setdefault(attribute.oid, attribute.value)
     for oid, name in SUBJECT_PARAMETERS.items():
-        values = [a.value for a in cert.subject.get_attributes_for_oid(oid)]
-        if values and isinstance(values[0], str):
-            params[name] = values[0]
+        value = first.get(oid)
+        if isinstance(value, str):
+            params[name] = value
     return params
 
 
@@ -573,6 +576,9 @@ class _Sub(_Expr):
 
 @dataclass(frozen=True)
 class _JsonScalar:
+    """A constant: a JSON scalar, or a whole subtree without expressions (folded at compile
+    time, shared by every evaluation: the evaluated document is only serialised)."""
+
     value: Any
 
 
@@ -1072,11 +1078,16 @@ class _Compiler:
         if isinstance(node, dict):
             if self._is_function(node, where):
                 return self._call(node, where, depth)
-            return _JsonObject(tuple((k, self._json(v, f"{where}.{k}", depth + 1))
-                                     for k, v in node.items()))
+            fields = tuple((k, self._json(v, f"{where}.{k}", depth + 1))
+                           for k, v in node.items())
+            if all(isinstance(v, _JsonScalar) for _, v in fields):  # constant: fold it
+                return _JsonScalar({k: v.value for k, v in fields})  # type: ignore[union-attr]
+            return _JsonObject(fields)
         if isinstance(node, list):
-            return _JsonArray(tuple(self._json(v, f"{where}[{i}]", depth + 1)
-                                    for i, v in enumerate(node)))
+            items = tuple(self._json(v, f"{where}[{i}]", depth + 1) for i, v in enumerate(node))
+            if all(isinstance(v, _JsonScalar) for v in items):
+                return _JsonScalar([v.value for v in items])  # type: ignore[union-attr]
+            return _JsonArray(items)
         return _JsonScalar(node)
 
     def _string(self, node: Any, where: str, depth: int) -> _Expr:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import random
 import threading
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -59,23 +60,46 @@ def tags_of(tags: Sequence[Mapping[str, Any]] | None) -> tuple[Tag, ...]:
 
 
 class TxView(View):
-    """A transaction's view: writes go to its overlay, events wait for the commit."""
+    """A transaction's view: writes go to its overlay, events wait for the commit.
+
+    Every overlay write is journalled (what the key held before), so a savepoint is two
+    list lengths and rolling back to it undoes only the writes made since: nested
+    operations, and the jobs of a group commit, cost nothing to mark however large
+    the transaction has grown.
+    """
 
     def __init__(self) -> None:
         super().__init__({})
         self.events: list[RegistryEvent] = []
+        self._journal: list[tuple[dict[Any, Any], Any, bool, Any]] = []
 
     def emit(self, kind: RegistryEventKind, **fields: Any) -> None:
         self.events.append(RegistryEvent(kind, **fields))
 
-    def mark(self) -> tuple[Overlay, int]:
-        assert self.overlay is not None
-        return {name: dict(changes) for name, changes in self.overlay.items()}, len(self.events)
+    def _set(self, table: Table[Any, Any], key: Any, record: Any) -> None:
+        changes = self._writable().setdefault(table.name, {})
+        self._journal.append((changes, key, key in changes, changes.get(key)))
+        changes[key] = record
 
-    def rollback_to(self, mark: tuple[Overlay, int]) -> None:
-        assert self.overlay is not None
-        self.overlay.clear()
-        self.overlay.update(mark[0])
+    def put(self, table: Table[K, V], record: V) -> V:
+        self._set(table, table.key(record), record)
+        return record
+
+    def delete(self, table: Table[K, V], key: K) -> None:
+        if self.get(table, key) is not None:
+            self._set(table, key, None)
+
+    def mark(self) -> tuple[int, int]:
+        return len(self._journal), len(self.events)
+
+    def rollback_to(self, mark: tuple[int, int]) -> None:
+        journal = self._journal
+        while len(journal) > mark[0]:
+            changes, key, existed, previous = journal.pop()
+            if existed:
+                changes[key] = previous
+            else:
+                del changes[key]
         del self.events[mark[1]:]
 
 
@@ -241,9 +265,10 @@ class RegistryCore:
         ])
         events = list(dict.fromkeys(tx.events))
         with self._mem_lock:
+            trust = self._touches_trust(tx.overlay)
             for table in tables:
                 table.apply(tx.overlay[table.name])
-            if self._t.ca_certificates in tables or self._t.certificates in tables:
+            if trust:
                 anchors = self._compute_anchors()
                 if anchors != self._anchors:
                     self._anchors = anchors
@@ -254,12 +279,28 @@ class RegistryCore:
                     kwargs: dict[str, Any]) -> None:
         if args:
             raise TypeError(f"{method}() takes keyword arguments only (the operation's members)")
-        unknown = set(kwargs) - set(input_members(operation))
+        unknown = kwargs.keys() - input_members(operation).keys()
         if unknown:
             raise TypeError(f"{method}() got unexpected keyword arguments: {sorted(unknown)}")
         validate_input(operation, kwargs)
 
     # -- trust anchors -------------------------------------------------------------------------
+    def _touches_trust(self, overlay: Overlay) -> bool:
+        """Whether committing ``overlay`` may change :meth:`trust_anchors_pem`: a CA certificate
+        changed, or an SNI_ONLY certificate came, went or changed (before or after). Checked
+        before the overlay is applied, so that a certificate leaving SNI_ONLY is seen; a
+        device certificate (DEFAULT mode) never changes the anchors, and provisioning commits
+        thousands of those."""
+        if overlay.get(self._t.ca_certificates.name):
+            return True
+        rows = self._t.certificates.rows
+        for key, new in overlay.get(self._t.certificates.name, {}).items():
+            old = rows.get(key)
+            if ((new is not None and new.certificate_mode is CertificateMode.SNI_ONLY)
+                    or (old is not None and old.certificate_mode is CertificateMode.SNI_ONLY)):
+                return True
+        return False
+
     def _compute_anchors(self) -> tuple[str, ...]:
         cas = [c.certificate_pem for c in self._t.ca_certificates.rows.values()]
         sni = [self._t.certificates.rows[k].certificate_pem
@@ -277,7 +318,10 @@ class RegistryCore:
 
     @staticmethod
     def _new_id() -> str:
-        return str(uuid.uuid4())
+        """A version-4 UUID for AWS's ids (thingId, generationId): unique, never secret, so
+        the process's PRNG serves (``uuid4`` makes a getrandom syscall per id, and a
+        RegisterThing needs four)."""
+        return str(uuid.UUID(int=random.getrandbits(128), version=4))
 
     def _certificate_id_of(self, principal: str) -> str | None:
         """The certificate id in a certificate ARN of this account, else None."""

@@ -181,12 +181,14 @@ class CertificatesMixin(RegistryCore):
         with self._writing() as view:
             return self._insert(view, cert, status=initial, mode=CertificateMode.SNI_ONLY)
 
-    def insert_certificate(self, cert_pem: str, *, status: CertificateStatus,
-                           ca_certificate_id: str | None = None,
+    def insert_certificate(self, certificate: x509.Certificate | str, *,
+                           status: CertificateStatus, ca_certificate_id: str | None = None,
                            mode: CertificateMode = CertificateMode.DEFAULT,
                            owned_by_provisioning: bool = False) -> Certificate:
-        """Store a certificate signed elsewhere (the fleet provisioning MQTT API)."""
-        cert = parse_certificate(cert_pem)
+        """Store a certificate signed elsewhere (the fleet provisioning MQTT API): the
+        certificate itself (as just signed: no PEM round trip) or its PEM."""
+        cert = (certificate if isinstance(certificate, x509.Certificate)
+                else parse_certificate(certificate))
         with self._writing() as view:
             return self._insert(view, cert, status=CertificateStatus(status), mode=mode,
                                 ca_certificate_id=ca_certificate_id,
