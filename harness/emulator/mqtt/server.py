@@ -1063,10 +1063,12 @@ class Broker:
         if getattr(event, "kind", None) == "reset":  # the account is empty again
             self.reset()
         if reaction.invalidate:
+            certificates, things = reaction.invalidate_certificates, reaction.invalidate_things
             if settings.policy_cache_delay > 0:
-                self._loop.call_later(settings.policy_cache_delay, self.auth.invalidate)
+                self._loop.call_later(settings.policy_cache_delay, self.auth.invalidate,
+                                      certificates, things)
             else:
-                self.auth.invalidate()
+                self.auth.invalidate(certificates, things)
         if reaction.trust_changed:
             self._rebuild_trust()
         if reaction.recheck_all or reaction.recheck:
