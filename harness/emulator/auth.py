@@ -158,6 +158,8 @@ def _parsed_policy(text: str) -> PolicyDocument:
     return parse_policy(text)
 
 
+#: Peer certificates (DER -> id, id -> parsed) an :class:`Authentication` remembers.
+CERTIFICATES_CACHED = 4096
 #: Distinct policy sets (tuples of attached documents) an :class:`Authentication` keeps, LRU.
 POLICY_SETS_CACHED = 256
 #: Certificates and things an :class:`Authentication` remembers as recently invalidated;
@@ -207,6 +209,7 @@ class Authentication:
         self._stamps: dict[tuple[str, str], int] = {}  # ("cert"|"thing", id) -> generation
         self._resolvers: list[PrincipalResolver] = []
         self._certificates: OrderedDict[str, x509.Certificate] = OrderedDict()
+        self._certificate_ids: dict[bytes, str] = {}
         self._policy_sets: OrderedDict[tuple[Any, ...], PolicySet] = OrderedDict()
 
     def add_resolver(self, resolver: PrincipalResolver) -> None:
@@ -251,13 +254,24 @@ class Authentication:
             sets.popitem(last=False)
         return found
 
+    def certificate_id(self, der: bytes) -> str:
+        """:func:`pki.certificate_id` of a peer's DER (cached, first in first out: every claim
+        connection of a fleet presents the same certificate)."""
+        ids = self._certificate_ids
+        found = ids.get(der)
+        if found is None:
+            found = ids[der] = pki.certificate_id(der)
+            if len(ids) > CERTIFICATES_CACHED:
+                del ids[next(iter(ids))]
+        return found
+
     def certificate(self, der: bytes, certificate_id: str) -> x509.Certificate:
         """The parsed certificate (an LRU cache: devices reconnect with the same one)."""
         cert = self._certificates.get(certificate_id)
         if cert is None:
             cert = x509.load_der_x509_certificate(der)
             self._certificates[certificate_id] = cert
-            if len(self._certificates) > 4096:
+            if len(self._certificates) > CERTIFICATES_CACHED:
                 self._certificates.popitem(last=False)
         else:
             self._certificates.move_to_end(certificate_id)
@@ -269,7 +283,7 @@ class Authentication:
         caller may already know)."""
         if not der:
             return Admission(None, refusal=Refusal.NO_CERTIFICATE)
-        certificate_id = certificate_id or pki.certificate_id(der)
+        certificate_id = certificate_id or self.certificate_id(der)
         if sni is not None and self.settings.sni_host_names \
                 and sni not in self.settings.sni_host_names:
             return Admission(certificate_id, refusal=Refusal.SNI_MISMATCH, detail=sni)
