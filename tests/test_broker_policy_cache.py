@@ -135,6 +135,23 @@ def test_a_thing_attribute_in_a_policy_variable_follows_updates(fleet: Fleet) ->
     assert not conn.can_publish("things/pump-1/4/state")
 
 
+def test_an_exclusive_thing_of_another_name_is_watched_too(fleet: Fleet) -> None:
+    # spec broker §3.4: an exclusively attached thing is the connection's whatever its
+    # client id; an update of that thing reaches the connection's cached decisions
+    registry = fleet.registry
+    registry.create_policy(policy_name="things", policy_document=THING_TOPICS)
+    cert = fleet.certificate("things")
+    registry.create_thing(thing_name="pump-9", attribute_payload={"attributes": {"floor": "1"}})
+    registry.attach_thing_principal(thing_name="pump-9", principal=cert[1],
+                                    thing_principal_type="EXCLUSIVE_THING")
+    conn = fleet.connect(cert, "any-client-id")
+    assert conn.can_publish("things/pump-9/1/state")
+    assert conn.exclusive_thing_name == "pump-9"
+    registry.update_thing(thing_name="pump-9", attribute_payload={"attributes": {"floor": "2"}})
+    assert not conn.can_publish("things/pump-9/1/state")
+    assert conn.can_publish("things/pump-9/2/state")
+
+
 def test_a_thing_group_policy_applies_once_the_thing_joins_the_group(fleet: Fleet) -> None:
     # spec broker §3.4: the policies of the connection's thing's groups
     registry = fleet.registry
