@@ -107,6 +107,7 @@ class ObservationLog:
         self._max = max_entries
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
         self._thread_cond = threading.Condition(self._lock)
+        self._thread_waiters = 0  # threads in wait_sync: record() notifies only if any
 
     def record(
         self,
@@ -117,7 +118,10 @@ class ObservationLog:
         **detail: Any,
     ) -> Observation:
         """Append an observation; safe from any thread."""
-        kind_value = kind.value if isinstance(kind, Kind) else kind
+        # ``_value_``: the member's value without the enum property lookup (record() runs
+        # a dozen times per provisioning flow)
+        kind_value = kind._value_ if isinstance(kind, Kind) else kind
+        waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
         with self._lock:
             self._seq += 1
             obs = Observation(
@@ -131,8 +135,10 @@ class ObservationLog:
             self._entries.append(obs)
             if len(self._entries) > self._max:
                 del self._entries[: len(self._entries) - self._max]
-            waiters, self._waiters = self._waiters, []
-            self._thread_cond.notify_all()
+            if self._waiters:
+                waiters, self._waiters = self._waiters, []
+            if self._thread_waiters:
+                self._thread_cond.notify_all()
         for loop, event in waiters:
             if loop.is_closed():
                 continue
@@ -219,7 +225,11 @@ class ObservationLog:
             if remaining <= 0:
                 return []
             with self._lock:
-                self._thread_cond.wait(min(remaining, 0.5))
+                self._thread_waiters += 1
+                try:
+                    self._thread_cond.wait(min(remaining, 0.5))
+                finally:
+                    self._thread_waiters -= 1
 
     def clear(self) -> None:
         with self._lock:

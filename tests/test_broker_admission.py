@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import socket
 import ssl
 import time
 from pathlib import Path
@@ -229,3 +230,21 @@ def test_trust_anchor_added_at_runtime_lets_its_devices_in(kit: BrokerKit) -> No
         kit.observations.wait_sync(timeout=0.05, since=kit.observations.last_seq)
     with kit.client(device) as client:
         assert client.connect("via-ca").reason_code == 0
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_accepted_connections_have_nagle_off(tmp_path: Path, gated: bool) -> None:
+    # perf-notes: request/response needs TCP_NODELAY; the event loop sets it on every TCP
+    # transport (create_server and connect_accepted_socket alike), the broker relies on that
+    kit = BrokerKit(tmp_path)
+    if gated:  # the accept path the emulator uses (it may hold handshakes back)
+        kit.broker.handshake_gate = lambda _ip: 0.0
+    with kit:
+        client = kit.client(kit.device("nagle"))
+        assert client.connect("nagle").reason_code == 0
+
+        def nodelay() -> list[int]:
+            return [link.transport.get_extra_info("socket").getsockopt(
+                socket.IPPROTO_TCP, socket.TCP_NODELAY) for link in kit.broker._links]
+
+        assert kit.call(nodelay) and all(kit.call(nodelay))

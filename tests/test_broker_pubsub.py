@@ -389,8 +389,8 @@ def test_will_delay_waits_and_is_cancelled_by_a_reconnect(kit: BrokerKit) -> Non
     second = kit.client(device)
     second.connect("delayed", protocol_level=5, clean_start=False, will=will,
                    properties={"session_expiry_interval": 120})
+    since = kit.observations.last_seq  # before the close: its DISCONNECT may be quick
     second.close()
-    since = kit.observations.last_seq
     kit.wait_for(Kind.DISCONNECT, client_id="delayed", since=since)
     assert quiet(watcher)  # the reconnect cancelled the first Will
     kit.clock.advance(121.0)  # the session ends before the delay: the Will goes out then

@@ -381,7 +381,43 @@ def test_decisions_are_cached_in_a_bounded_dict(monkeypatch: pytest.MonkeyPatch)
     for round_ in range(2):
         for i in range(40):
             assert auth.can_publish(f"even/{i}") and not auth.can_publish(f"odd/{i}"), round_
-    assert len(auth._cache) <= 8
+    assert auth.decisions.cached <= 8
+
+
+def test_a_policy_set_shares_decisions_only_between_equal_referenced_values() -> None:
+    # spec broker §3.5: a binding depends on the values of the variables the documents use
+    shared = policy.PolicySet([parse_policy(doc(allow("iot:Publish", f"{ARN}topic/claim/*")))])
+    a = Authorizer.for_policy_set(shared, context(client_id="a"))
+    b = Authorizer.for_policy_set(shared, context(client_id="b"))
+    assert a.decisions is b.decisions  # ${iot:ClientId} is not used: one binding
+    own = policy.PolicySet([parse_policy(doc(
+        allow("iot:Publish", f"{ARN}topic/devices/${{iot:ClientId}}/*")))])
+    a, b = (Authorizer.for_policy_set(own, context(client_id=c)) for c in "ab")
+    again = Authorizer.for_policy_set(own, context(client_id="a"))
+    assert a.decisions is not b.decisions and a.decisions is again.decisions
+    assert a.can_publish("devices/a/x") and not a.can_publish("devices/b/x")
+    assert b.can_publish("devices/b/x") and not b.can_publish("devices/a/x")
+
+
+def test_condition_keys_are_part_of_the_binding() -> None:
+    # spec broker §3.5: condition keys decide statements, so they split bindings too
+    text = doc(allow("iot:Publish", f"{ARN}topic/*",
+                     Condition={"StringEquals": {"iot:ClientId": "admin"}}))
+    shared = policy.PolicySet([parse_policy(text)])
+    admin = Authorizer.for_policy_set(shared, context(client_id="admin"))
+    other = Authorizer.for_policy_set(shared, context(client_id="other"))
+    assert admin.can_publish("t") and not other.can_publish("t")
+    assert shared.referenced == ("iot:ClientId",)
+
+
+def test_a_policy_set_keeps_a_bounded_number_of_bindings() -> None:
+    text = doc(allow("iot:Publish", f"{ARN}topic/devices/${{iot:ClientId}}/*"))
+    bounded = policy.PolicySet([parse_policy(text)], max_bindings=2)
+    first = Authorizer.for_policy_set(bounded, context(client_id="c0")).decisions
+    for i in range(1, 4):
+        Authorizer.for_policy_set(bounded, context(client_id=f"c{i}"))
+    again = Authorizer.for_policy_set(bounded, context(client_id="c0"))
+    assert again.decisions is not first and again.can_publish("devices/c0/x")
 
 
 # -- §3.5 policy variables ------------------------------------------------------------------

@@ -9,15 +9,20 @@ else from the directory: a registered certificate in ACTIVE state (spec §2.3).
 Authorization is evaluated per connection through :class:`ConnectionAuthorization`,
 which builds the policy engine's :class:`~harness.emulator.policy.Authorizer` on
 first use and rebuilds it after :meth:`Authentication.invalidate` (policies,
-attachments or things changed): invalidation is one counter increment, the
-rebuild happens lazily on the next check of each connection.
+attachments or things changed) touched it: invalidation is a counter increment
+(and a stamp per certificate or thing it names), the rebuild happens lazily on the
+next check of each connection it concerns. Rebuilds are cheap: each distinct set of
+policy texts is prepared once (:class:`~harness.emulator.policy.PolicySet`, an LRU
+keyed by the texts themselves, so a new policy version is simply another key), and
+connections whose referenced policy variables have equal values share bound
+statements and decisions.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from functools import lru_cache
@@ -27,7 +32,13 @@ from cryptography import x509
 
 from harness import pki
 from harness.emulator.broker_settings import BrokerSettings
-from harness.emulator.policy import Authorizer, ConnectionContext, PolicyDocument, parse_policy
+from harness.emulator.policy import (
+    Authorizer,
+    ConnectionContext,
+    PolicyDocument,
+    PolicySet,
+    parse_policy,
+)
 
 log = logging.getLogger("fleetbench.broker.auth")
 
@@ -147,6 +158,15 @@ def _parsed_policy(text: str) -> PolicyDocument:
     return parse_policy(text)
 
 
+#: Peer certificates (DER -> id, id -> parsed) an :class:`Authentication` remembers.
+CERTIFICATES_CACHED = 4096
+#: Distinct policy sets (tuples of attached documents) an :class:`Authentication` keeps, LRU.
+POLICY_SETS_CACHED = 256
+#: Certificates and things an :class:`Authentication` remembers as recently invalidated;
+#: past this, the next invalidation is treated as touching every connection.
+INVALIDATION_STAMPS = 65536
+
+
 def _documents(texts: Sequence[str | PolicyDocument]) -> list[PolicyDocument]:
     out = []
     for text in texts:
@@ -167,6 +187,10 @@ class RegistryReaction:
     recheck_all: bool = False
     recheck: frozenset[str] = frozenset()  # certificate ids whose connections to re-admit
     invalidate: bool = False  # policy sets / thing data may have changed
+    #: When set, ``invalidate`` concerns only connections of these certificates or with these
+    #: things (as chosen thing or as client id); both empty: every connection.
+    invalidate_certificates: frozenset[str] = frozenset()
+    invalidate_things: frozenset[str] = frozenset()
     trust_changed: bool = False
 
 
@@ -179,16 +203,67 @@ class Authentication:
         self.settings = settings
         self.region = region
         self.account_id = account_id
+        #: Bumped by every invalidation; a connection built at the current value is current.
         self.generation = 0
+        self._everything_at = 0  # generation of the last invalidation of every connection
+        self._stamps: dict[tuple[str, str], int] = {}  # ("cert"|"thing", id) -> generation
         self._resolvers: list[PrincipalResolver] = []
         self._certificates: OrderedDict[str, x509.Certificate] = OrderedDict()
+        self._certificate_ids: dict[bytes, str] = {}
+        self._policy_sets: OrderedDict[tuple[Any, ...], PolicySet] = OrderedDict()
 
     def add_resolver(self, resolver: PrincipalResolver) -> None:
         self._resolvers.append(resolver)
 
-    def invalidate(self) -> None:
-        """Every connection rebuilds its authorizer on its next check."""
+    def invalidate(self, certificates: Iterable[str] = (), things: Iterable[str] = ()) -> None:
+        """Connections rebuild their authorizer on their next check: those of ``certificates``
+        and those whose thing or client id is one of ``things``; every connection when both
+        are empty."""
         self.generation += 1
+        stamps = self._stamps
+        scoped = False
+        for certificate_id in certificates:
+            stamps[("cert", certificate_id)] = self.generation
+            scoped = True
+        for thing_name in things:
+            stamps[("thing", thing_name)] = self.generation
+            scoped = True
+        if not scoped or len(stamps) > INVALIDATION_STAMPS:
+            self._everything_at = self.generation
+            stamps.clear()
+
+    def unchanged_since(self, generation: int, scopes: tuple[tuple[str, str], ...]) -> bool:
+        """Whether no invalidation after ``generation`` concerned any of ``scopes``."""
+        if self._everything_at > generation:
+            return False
+        stamps = self._stamps
+        return all(stamps.get(scope, 0) <= generation for scope in scopes)
+
+    def policy_set(self, documents: Sequence[str | PolicyDocument]) -> PolicySet:
+        """The prepared :class:`PolicySet` of these documents (an LRU keyed by their text:
+        a changed policy is another key, so entries never go stale)."""
+        key = tuple(d.raw or d if isinstance(d, PolicyDocument) else d for d in documents)
+        sets = self._policy_sets
+        found = sets.get(key)
+        if found is not None:
+            sets.move_to_end(key)
+            return found
+        found = PolicySet(_documents(documents))
+        sets[key] = found
+        if len(sets) > POLICY_SETS_CACHED:
+            sets.popitem(last=False)
+        return found
+
+    def certificate_id(self, der: bytes) -> str:
+        """:func:`pki.certificate_id` of a peer's DER (cached, first in first out: every claim
+        connection of a fleet presents the same certificate)."""
+        ids = self._certificate_ids
+        found = ids.get(der)
+        if found is None:
+            found = ids[der] = pki.certificate_id(der)
+            if len(ids) > CERTIFICATES_CACHED:
+                del ids[next(iter(ids))]
+        return found
 
     def certificate(self, der: bytes, certificate_id: str) -> x509.Certificate:
         """The parsed certificate (an LRU cache: devices reconnect with the same one)."""
@@ -196,7 +271,7 @@ class Authentication:
         if cert is None:
             cert = x509.load_der_x509_certificate(der)
             self._certificates[certificate_id] = cert
-            if len(self._certificates) > 4096:
+            if len(self._certificates) > CERTIFICATES_CACHED:
                 self._certificates.popitem(last=False)
         else:
             self._certificates.move_to_end(certificate_id)
@@ -208,7 +283,7 @@ class Authentication:
         caller may already know)."""
         if not der:
             return Admission(None, refusal=Refusal.NO_CERTIFICATE)
-        certificate_id = certificate_id or pki.certificate_id(der)
+        certificate_id = certificate_id or self.certificate_id(der)
         if sni is not None and self.settings.sni_host_names \
                 and sni not in self.settings.sni_host_names:
             return Admission(certificate_id, refusal=Refusal.SNI_MISMATCH, detail=sni)
@@ -256,9 +331,15 @@ class Authentication:
                 return RegistryReaction()
             return RegistryReaction(recheck=frozenset({event.certificate_id}))
         if kind == "certificate_deleted":
-            return RegistryReaction(recheck=frozenset({event.certificate_id}), invalidate=True)
+            return RegistryReaction(recheck=frozenset({event.certificate_id}), invalidate=True,
+                                    invalidate_certificates=_named(event, "certificate_id"))
         if kind in ("policies_changed", "thing_changed"):
-            return RegistryReaction(invalidate=True)
+            # An event naming a certificate and/or a thing concerns only the connections of
+            # that certificate, or whose thing (chosen or named by the client id) it is; one
+            # naming neither (a policy version, a thing group's policies) concerns everyone.
+            return RegistryReaction(invalidate=True,
+                                    invalidate_certificates=_named(event, "certificate_id"),
+                                    invalidate_things=_named(event, "thing_name"))
         if kind == "reset":
             return RegistryReaction(recheck_all=True, invalidate=True, trust_changed=True)
         if kind == "trust_changed":
@@ -266,12 +347,18 @@ class Authentication:
         return RegistryReaction()
 
 
+def _named(event: Any, attribute: str) -> frozenset[str]:
+    value = getattr(event, attribute, None)
+    return frozenset((value,)) if value else frozenset()
+
+
 class ConnectionAuthorization:
     """One connection's authorization; cached, rebuilt lazily after invalidation (spec §1.9:
     Publish, Subscribe and Receive are checked per operation against current policies)."""
 
-    __slots__ = ("_auth", "_authorizer", "_generation", "client_id", "connect_attributes",
-                 "domain_name", "exclusive_thing_name", "principal", "source_ip")
+    __slots__ = ("_auth", "_authorizer", "_generation", "_scopes", "client_id",
+                 "connect_attributes", "domain_name", "exclusive_thing_name", "principal",
+                 "source_ip")
 
     def __init__(self, auth: Authentication, principal: Principal, client_id: str, *,
                  source_ip: str | None, domain_name: str | None,
@@ -284,14 +371,23 @@ class ConnectionAuthorization:
         self.connect_attributes = connect_attributes
         self.exclusive_thing_name: str | None = None
         self._authorizer: Authorizer | None = None
-        self._generation = -1
+        self._generation = -1  # the Authentication generation the authorizer is current at
+        # what the authorizer depends on, as Authentication.invalidate names it
+        self._scopes: tuple[tuple[str, str], ...] = (
+            ("cert", principal.certificate_id), ("thing", client_id))
 
     @property
     def authorizer(self) -> Authorizer:
-        if self._authorizer is None or self._generation != self._auth.generation:
-            self._generation = self._auth.generation
-            self._authorizer = self._build()
-        return self._authorizer
+        authorizer = self._authorizer
+        auth = self._auth
+        if authorizer is None or (
+                self._generation != auth.generation
+                and not auth.unchanged_since(self._generation, self._scopes)):
+            self._generation = auth.generation
+            authorizer = self._authorizer = self._build()
+        else:
+            self._generation = auth.generation
+        return authorizer
 
     def _build(self) -> Authorizer:
         principal = self.principal
@@ -313,15 +409,20 @@ class ConnectionAuthorization:
                 thing = view.thing
                 is_attached = bool(view.is_attached)
                 exclusive = bool(view.exclusive)
-        self.exclusive_thing_name = thing.thing_name if (thing is not None and exclusive) \
-            else None
+        thing_name = thing.thing_name if thing is not None else None
+        self.exclusive_thing_name = thing_name if exclusive else None
+        scopes: tuple[tuple[str, str], ...] = (("cert", principal.certificate_id),
+                                                ("thing", self.client_id))
+        if thing_name is not None and thing_name != self.client_id:
+            scopes += (("thing", thing_name),)
+        self._scopes = scopes
         context = ConnectionContext(
             region=self._auth.region,
             account_id=self._auth.account_id,
             client_id=self.client_id,
             certificate=principal.certificate,
             certificate_id=principal.certificate_id,
-            thing_name=thing.thing_name if thing is not None else None,
+            thing_name=thing_name,
             thing_type_name=thing.thing_type_name if thing is not None else None,
             thing_attributes=dict(thing.attributes or {}) if thing is not None else {},
             is_attached=is_attached,
@@ -329,7 +430,7 @@ class ConnectionAuthorization:
             domain_name=self.domain_name,
             connect_attributes=self.connect_attributes,
         )
-        return Authorizer(_documents(texts), context)
+        return Authorizer.for_policy_set(self._auth.policy_set(texts), context)
 
     def can_connect(self) -> bool:
         return self.authorizer.can_connect()

@@ -1,10 +1,13 @@
 """AWS IoT policy documents: parsing and evaluation (spec iot-broker-and-policy.md §3, §1.9).
 
 :func:`parse_policy` validates a document once (registry, control plane) and returns an
-immutable :class:`PolicyDocument`. The broker builds one :class:`Authorizer` per connection:
-its context is fixed, so variables are substituted, conditions decided and resource patterns
-compiled once, and each PUBLISH/SUBSCRIBE/delivery costs a dict lookup once its decision is
-cached.
+immutable :class:`PolicyDocument`. The broker prepares each distinct set of attached documents
+once (:class:`PolicySet`: action patterns compiled, resource patterns split into templates) and
+builds one :class:`Authorizer` per connection on it. A connection's context is fixed, so
+variables are substituted and conditions decided once per distinct value of the variables the
+documents reference; connections with equal values (every claim connection of a fleet) share
+those bound statements and their decision cache, and each PUBLISH/SUBSCRIBE/delivery costs a
+dict lookup once its decision is cached.
 
 Matching rules (§3.3): ``*`` matches any run of characters including ``/``, ``?`` exactly one
 character, anywhere in a resource ARN or an action; MQTT's ``+`` and ``#`` are literal;
@@ -19,7 +22,8 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from functools import lru_cache
@@ -30,6 +34,7 @@ from harness.errors import InvalidRequestException, MalformedPolicyException
 
 __all__ = [
     "ACTION_NAMES_CASE_INSENSITIVE",
+    "BINDINGS_PER_POLICY_SET",
     "DECISION_CACHE_SIZE",
     "MAX_POLICY_CHARACTERS",
     "MISSING_VERSION",
@@ -41,7 +46,9 @@ __all__ = [
     "Decision",
     "Effect",
     "NamedPolicy",
+    "PolicyDecisions",
     "PolicyDocument",
+    "PolicySet",
     "Statement",
     "parse_policy",
     "resource_arn",
@@ -63,8 +70,10 @@ MAX_POLICY_CHARACTERS = 2048
 SUPPORTED_VERSIONS = ("2012-10-17", "2008-10-17")
 #: Version assumed when a document has none (IoT's docs require 2012-10-17; lenient default).
 MISSING_VERSION = "2012-10-17"
-#: Decisions an Authorizer remembers (first in, first out beyond this).
+#: Decisions one binding of a policy set remembers (first in, first out beyond this).
 DECISION_CACHE_SIZE = 4096
+#: Bindings (distinct values of the referenced variables) a :class:`PolicySet` keeps, LRU.
+BINDINGS_PER_POLICY_SET = 1024
 
 _VARIABLES_VERSION = "2012-10-17"
 _TOP_LEVEL = ("Version", "Id", "Statement")
@@ -490,7 +499,11 @@ def _merge(parts: Iterable[str | _Wild]) -> tuple[str | _Wild, ...]:
 
 
 def _action_pattern(action: str) -> Callable[[str], bool]:
-    text = action.lower() if ACTION_NAMES_CASE_INSENSITIVE else action
+    return _action_matcher(action.lower() if ACTION_NAMES_CASE_INSENSITIVE else action)
+
+
+@lru_cache(maxsize=1024)
+def _action_matcher(text: str) -> Callable[[str], bool]:
     return _matcher(_merge(p for p in _template(text, False) if not isinstance(p, _Var)))
 
 
@@ -595,106 +608,275 @@ def _condition_holds(condition: Condition, variables: PolicyVariables, substitut
 # -- compiled statements -----------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Compiled:
-    """A statement bound to one connection's variables."""
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """A statement prepared once for every connection: action patterns compiled; resource
+    patterns and conditions are bound to a connection's variables by :func:`_bind`."""
 
     effect: Effect
     actions: tuple[Callable[[str], bool], ...]
     not_action: bool
-    resources: tuple[Callable[[str], bool], ...]
+    resources: tuple[str, ...]
     not_resource: bool
-    active: bool  # conditions hold and the resource element is usable
-    missing: frozenset[str]
+    conditions: tuple[Condition, ...]
+    substitute: bool  # the document's Version has policy variables
 
     def applies_to_action(self, action: str) -> bool:
         hit = any(m(action) for m in self.actions)
         return hit != self.not_action
+
+    def referenced(self) -> tuple[list[str], list[str]]:
+        """(variables substituted, condition keys looked up): all a binding depends on."""
+        names: list[str] = []
+        keys: list[str] = []
+        if self.substitute:
+            names.extend(_variable_names(self.resources))
+        for condition in self.conditions:
+            keys.append(condition.key)
+            if self.substitute and condition.base != "Null":
+                names.extend(_variable_names(condition.values))
+        return names, keys
+
+
+def _variable_names(patterns: Iterable[str]) -> Iterator[str]:
+    for pattern in patterns:
+        if "${" in pattern:
+            yield from (p.name for p in _template(pattern, True) if isinstance(p, _Var))
+
+
+def _plan(statement: Statement, substitute: bool) -> _Plan:
+    return _Plan(
+        effect=statement.effect,
+        actions=tuple(_action_pattern(a) for a in statement.not_actions or statement.actions),
+        not_action=bool(statement.not_actions),
+        resources=statement.not_resources or statement.resources,
+        not_resource=bool(statement.not_resources),
+        conditions=statement.conditions,
+        substitute=substitute,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _Compiled:
+    """A statement bound to one connection's variables."""
+
+    effect: Effect
+    resources: tuple[Callable[[str], bool], ...]
+    not_resource: bool
+    active: bool  # conditions hold and the resource element is usable
+    missing: frozenset[str]
 
     def applies_to_resource(self, resource: str) -> bool:
         hit = any(m(resource) for m in self.resources)
         return hit != self.not_resource
 
 
-def _compile(document: PolicyDocument, variables: PolicyVariables) -> list[_Compiled]:
-    substitute = document.version == _VARIABLES_VERSION
-    compiled: list[_Compiled] = []
-    for statement in document.statements:
-        missing: set[str] = set()
-        active = all(_condition_holds(c, variables, substitute, missing)
-                     for c in statement.conditions)
-        not_resource = bool(statement.not_resources)
-        matchers: list[Callable[[str], bool]] = []
-        for pattern in statement.not_resources or statement.resources:
-            parts = _resolve(_template(pattern, substitute), variables, missing)
-            if parts is None:
-                if not_resource:
-                    active = False  # excluding "nothing" would allow everything: inert instead
-                continue
-            matchers.append(_matcher(parts))
-        if not matchers and not not_resource:
-            active = False
-        not_action = bool(statement.not_actions)
-        compiled.append(_Compiled(
-            effect=statement.effect,
-            actions=tuple(_action_pattern(a) for a in statement.not_actions or statement.actions),
-            not_action=not_action,
-            resources=tuple(matchers),
-            not_resource=not_resource,
-            active=active,
-            missing=frozenset(missing),
-        ))
-    return compiled
+def _bind(plan: _Plan, variables: PolicyVariables) -> _Compiled:
+    """Substitute variables and decide conditions: a pure function of ``plan`` and the values
+    :meth:`_Plan.referenced` names (which is what lets :class:`PolicySet` share bindings)."""
+    missing: set[str] = set()
+    active = all(_condition_holds(c, variables, plan.substitute, missing)
+                 for c in plan.conditions)
+    not_resource = plan.not_resource
+    matchers: list[Callable[[str], bool]] = []
+    for pattern in plan.resources:
+        parts = _resolve(_template(pattern, plan.substitute), variables, missing)
+        if parts is None:
+            if not_resource:
+                active = False  # excluding "nothing" would allow everything: inert instead
+            continue
+        matchers.append(_matcher(parts))
+    if not matchers and not not_resource:
+        active = False
+    return _Compiled(effect=plan.effect, resources=tuple(matchers), not_resource=not_resource,
+                     active=active, missing=frozenset(missing))
 
-
-# -- the per-connection authorizer -------------------------------------------------------------
 
 _Entries = tuple[tuple[_Compiled, ...], tuple[_Compiled, ...]]  # (denies, allows)
 
 
-class Authorizer:
-    """Per-connection evaluator over a fixed set of documents; caches decisions by (action,
-    resource).
+class PolicyDecisions:
+    """Statements bound to one set of variable values, and the decisions taken with them
+    (cached by (action, resource); first in, first out beyond :data:`DECISION_CACHE_SIZE`).
 
-    Build a new one when the connection's policy set changes (the registry's
-    "policies_changed" event): documents and context are frozen at construction.
+    A statement is bound on the first question about one of its actions: a device that only
+    connects binds its ``iot:Connect`` statements and nothing else.
     """
 
-    def __init__(self, documents: Sequence[PolicyDocument | str],
-                 context: ConnectionContext) -> None:
-        self.context = context
-        self._prefix = arn_prefix(context.region, context.account_id)
-        variables = PolicyVariables(context)
-        parsed = [parse_policy(d) if isinstance(d, str) else d for d in documents]
-        self._all = [c for doc in parsed for c in _compile(doc, variables)]
-        self._active = [c for c in self._all if c.active]
+    __slots__ = ("_bound", "_by_action", "_cache", "_plans", "_variables")
+
+    def __init__(self, plans: Sequence[_Plan], variables: PolicyVariables) -> None:
+        self._plans = plans
+        self._variables = variables  # any connection's: the bindings only read shared values
+        self._bound: list[_Compiled | None] = [None] * len(plans)
         self._by_action: dict[str, _Entries] = {}
         self._cache: dict[tuple[str, str], Decision] = {}
 
+    @property
+    def cached(self) -> int:
+        """How many decisions are remembered."""
+        return len(self._cache)
+
     def evaluate(self, action: str, resource: str) -> Decision:
-        """The decision for ``action`` (``iot:Publish``) on ``resource`` (a full ARN)."""
+        """The decision for ``action`` on ``resource`` (a full ARN), cached."""
         key = (action, resource)
         decision = self._cache.get(key)
         if decision is not None:
             return decision
-        denies, allows = self._entries(action)
-        if any(c.applies_to_resource(resource) for c in denies):
-            decision = Decision.EXPLICIT_DENY
-        elif any(c.applies_to_resource(resource) for c in allows):
-            decision = Decision.ALLOWED
-        else:
-            decision = Decision.IMPLICIT_DENY
+        decision = self.decide(action, resource)
         if len(self._cache) >= DECISION_CACHE_SIZE:
             del self._cache[next(iter(self._cache))]
         self._cache[key] = decision
         return decision
 
+    def decide(self, action: str, resource: str) -> Decision:
+        """The decision without the cache (for resources asked about once, such as a
+        connection's own client id)."""
+        denies, allows = self._entries(action)
+        if any(c.applies_to_resource(resource) for c in denies):
+            return Decision.EXPLICIT_DENY
+        if any(c.applies_to_resource(resource) for c in allows):
+            return Decision.ALLOWED
+        return Decision.IMPLICIT_DENY
+
+    def missing_context_values(self, action: str) -> list[str]:
+        found: set[str] = set()
+        for c in self._about(action):
+            found |= c.missing
+        return sorted(found)
+
+    def _about(self, action: str) -> list[_Compiled]:
+        """The bound statements whose Action / NotAction covers ``action``."""
+        normalized = action.lower() if ACTION_NAMES_CASE_INSENSITIVE else action
+        out = []
+        bound = self._bound
+        for i, plan in enumerate(self._plans):
+            if plan.applies_to_action(normalized):
+                compiled = bound[i]
+                if compiled is None:
+                    compiled = bound[i] = _bind(plan, self._variables)
+                out.append(compiled)
+        return out
+
+    def _entries(self, action: str) -> _Entries:
+        entries = self._by_action.get(action)
+        if entries is None:
+            relevant = [c for c in self._about(action) if c.active]
+            entries = (
+                tuple(c for c in relevant if c.effect is Effect.DENY),
+                tuple(c for c in relevant if c.effect is Effect.ALLOW),
+            )
+            self._by_action[action] = entries
+        return entries
+
+
+class PolicySet:
+    """Policy documents prepared once for every connection that has exactly these documents.
+
+    A connection's decisions depend only on the documents and on the values of the policy
+    variables and condition keys they reference. :meth:`bind` therefore shares one
+    :class:`PolicyDecisions` (bound statements and decision cache) between all connections
+    whose referenced values are equal: the claim connections of a fleet, whose claim policy
+    references nothing per device, decide each topic once between them. The bindings are a
+    bounded LRU (``max_bindings``; 0 keeps none). Nothing here needs invalidating: a changed
+    policy is a different document, so the broker looks up a different set; a changed thing
+    attribute is a different binding key.
+    """
+
+    __slots__ = ("_bindings", "_condition_keys", "_max_bindings", "_plans", "_variables",
+                 "documents")
+
+    def __init__(self, documents: Iterable[PolicyDocument], *,
+                 max_bindings: int = BINDINGS_PER_POLICY_SET) -> None:
+        self.documents = tuple(documents)
+        plans: list[_Plan] = []
+        names: dict[str, None] = {}  # ordered sets
+        keys: dict[str, None] = {}
+        for document in self.documents:
+            substitute = document.version == _VARIABLES_VERSION
+            for statement in document.statements:
+                plan = _plan(statement, substitute)
+                plans.append(plan)
+                plan_names, plan_keys = plan.referenced()
+                names.update(dict.fromkeys(plan_names))
+                keys.update(dict.fromkeys(plan_keys))
+        self._plans = tuple(plans)
+        self._variables = tuple(names)
+        self._condition_keys = tuple(keys)
+        self._max_bindings = max_bindings
+        self._bindings: OrderedDict[tuple[Any, ...], PolicyDecisions] = OrderedDict()
+
+    @property
+    def referenced(self) -> tuple[str, ...]:
+        """The variable names and condition keys the documents refer to."""
+        return self._variables + self._condition_keys
+
+    def bind(self, variables: PolicyVariables) -> PolicyDecisions:
+        """The decisions of a connection with ``variables`` (shared when cached)."""
+        if self._max_bindings <= 0:
+            return PolicyDecisions(self._plans, variables)
+        key = (tuple(variables.substitution(n) for n in self._variables),
+               tuple(variables.values(k) for k in self._condition_keys))
+        bindings = self._bindings
+        decisions = bindings.get(key)
+        if decisions is not None:
+            bindings.move_to_end(key)
+            return decisions
+        decisions = PolicyDecisions(self._plans, variables)
+        bindings[key] = decisions
+        if len(bindings) > self._max_bindings:
+            bindings.popitem(last=False)
+        return decisions
+
+
+# -- the per-connection authorizer -------------------------------------------------------------
+
+
+class Authorizer:
+    """One connection's evaluator over a fixed set of documents and a fixed context.
+
+    ``Authorizer(documents, context)`` prepares the documents for this connection alone;
+    :meth:`for_policy_set` uses a :class:`PolicySet` shared between connections (the broker's
+    way). Build a new one when the connection's policy set changes (the registry's
+    "policies_changed" event): documents and context are frozen at construction.
+    """
+
+    __slots__ = ("_decisions", "_prefix", "context")
+
+    def __init__(self, documents: Sequence[PolicyDocument | str],
+                 context: ConnectionContext) -> None:
+        parsed = [parse_policy(d) if isinstance(d, str) else d for d in documents]
+        self._setup(PolicySet(parsed, max_bindings=0), context)
+
+    @classmethod
+    def for_policy_set(cls, policy_set: PolicySet, context: ConnectionContext) -> Authorizer:
+        """An authorizer sharing ``policy_set``'s prepared statements and decision caches."""
+        authorizer = cls.__new__(cls)
+        authorizer._setup(policy_set, context)
+        return authorizer
+
+    def _setup(self, policy_set: PolicySet, context: ConnectionContext) -> None:
+        self.context = context
+        self._prefix = arn_prefix(context.region, context.account_id)
+        self._decisions = policy_set.bind(PolicyVariables(context))
+
+    @property
+    def decisions(self) -> PolicyDecisions:
+        """The (possibly shared) bound statements and decision cache."""
+        return self._decisions
+
+    def evaluate(self, action: str, resource: str) -> Decision:
+        """The decision for ``action`` (``iot:Publish``) on ``resource`` (a full ARN)."""
+        return self._decisions.evaluate(action, resource)
+
     def allows(self, action: str, resource: str) -> bool:
-        return self.evaluate(action, resource) is Decision.ALLOWED
+        return self._decisions.evaluate(action, resource) is Decision.ALLOWED
 
     def can_connect(self) -> bool:
-        """``iot:Connect`` on ``client/<clientId>`` (the Will topic is the broker's extra check)."""
-        return self.allows("iot:Connect", f"{self._prefix}client/{self.context.client_id}")
+        """``iot:Connect`` on ``client/<clientId>`` (the Will topic is the broker's extra check).
+        Not cached: a client id is asked about once per connection."""
+        return self._decisions.decide(
+            "iot:Connect", f"{self._prefix}client/{self.context.client_id}") is Decision.ALLOWED
 
     def can_publish(self, topic: str, retain: bool = False) -> bool:
         """``iot:Publish`` on ``topic/<topic>``, plus ``iot:RetainPublish`` when RETAIN is set."""
@@ -713,24 +895,7 @@ class Authorizer:
 
     def missing_context_values(self, action: str) -> list[str]:
         """Variables and condition keys this connection lacks, in statements about ``action``."""
-        normalized = action.lower() if ACTION_NAMES_CASE_INSENSITIVE else action
-        found: set[str] = set()
-        for c in self._all:
-            if c.applies_to_action(normalized):
-                found |= c.missing
-        return sorted(found)
-
-    def _entries(self, action: str) -> _Entries:
-        normalized = action.lower() if ACTION_NAMES_CASE_INSENSITIVE else action
-        entries = self._by_action.get(normalized)
-        if entries is None:
-            relevant = [c for c in self._active if c.applies_to_action(normalized)]
-            entries = (
-                tuple(c for c in relevant if c.effect is Effect.DENY),
-                tuple(c for c in relevant if c.effect is Effect.ALLOW),
-            )
-            self._by_action[normalized] = entries
-        return entries
+        return self._decisions.missing_context_values(action)
 
 
 # -- TestAuthorization -------------------------------------------------------------------------
