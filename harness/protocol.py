@@ -11,6 +11,7 @@ named constant below, so changing a guess is a one-line edit.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 from collections.abc import Mapping
@@ -87,6 +88,7 @@ def register_thing_topic(template: str, fmt: PayloadFormat | str) -> str:
     return f"$aws/provisioning-templates/{template}/provision/{PayloadFormat(fmt).value}"
 
 
+@functools.lru_cache(maxsize=1024)
 def request_topic(api: Api, fmt: PayloadFormat | str, template: str | None = None) -> str:
     """The request topic of ``api``; ``template`` is required for RegisterThing only
     (and ignored for the two certificate operations)."""
@@ -103,18 +105,21 @@ def _require_request_topic(topic: str) -> None:
         raise ValueError(f"{topic!r} is not a fleet provisioning request topic")
 
 
+@functools.lru_cache(maxsize=1024)
 def accepted(topic: str) -> str:
     """The ``accepted`` reply topic of a request topic."""
     _require_request_topic(topic)
     return f"{topic}/{ACCEPTED}"
 
 
+@functools.lru_cache(maxsize=1024)
 def rejected(topic: str) -> str:
     """The ``rejected`` reply topic of a request topic."""
     _require_request_topic(topic)
     return f"{topic}/{REJECTED}"
 
 
+@functools.lru_cache(maxsize=1024)
 def subscription_filters(
     api: Api, fmt: PayloadFormat | str, template: str | None = None
 ) -> tuple[str, str]:
@@ -138,6 +143,7 @@ class ParsedTopic:
         return request_topic(self.api, self.fmt, self.template_name)
 
 
+@functools.lru_cache(maxsize=1024)
 def parse_topic(topic: str) -> ParsedTopic | None:
     """Recognise one of the 18 provisioning topics (any template name); ``None`` otherwise.
 
