@@ -20,7 +20,6 @@ master asks workers that have not sent their final batch to stop and drain
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import resource
@@ -58,6 +57,7 @@ from loadtests.fleet_setup import (
     remove_workdir,
 )
 from loadtests.flows import FlowSettings, FlowTarget
+from loadtests.gc_tuning import tune_gc, untune_gc
 from loadtests.shapes import DEFAULT_PACING_S, Schedule, ShapeError, build_schedule
 from loadtests.truth import TruthReport, check_run
 
@@ -129,29 +129,6 @@ def add_arguments(parser: Any) -> None:
     add("--fleet-no-truth", action="store_true", default=False, help="skip the truth check")
     add("--fleet-keep", action="store_true", default=False,
         help="leave the fleet in place (no teardown)")
-
-
-#: Allocations between young-generation collections in a load process (CPython's default
-#: is 700: a flow allocates thousands of short-lived objects, most of them acyclic).
-GC_GEN0_THRESHOLD = 20_000
-
-
-def _tune_gc() -> tuple[int, int, int]:
-    """Fewer, cheaper collections while devices run: what setup built (modules, Locust,
-    the fleet's clients) moves to the permanent generation, and young collections run
-    less often. Cyclic garbage is still collected, only in larger batches. Returns the
-    thresholds to restore (:func:`_untune_gc`)."""
-    before = gc.get_threshold()
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(max(before[0], GC_GEN0_THRESHOLD), before[1], before[2])
-    return before
-
-
-def _untune_gc(thresholds: tuple[int, int, int]) -> None:
-    """Undo :func:`_tune_gc` (a web UI run ends; the next test start tunes again)."""
-    gc.unfreeze()
-    gc.set_threshold(*thresholds)
 
 
 def _cpu_seconds(pid: int | None = None) -> float:
@@ -297,7 +274,7 @@ class LoadSession:
                                   profile=profile)
         self.driver = LoopDriver(cooperative=True)  # every user is a greenlet of this thread
         self._driver_greenlet = gevent.spawn(self.driver.run_forever)
-        self._gc_thresholds = _tune_gc()
+        self._gc_thresholds = tune_gc()
         self.ready.set()
 
     def _remove_device_side(self) -> None:
@@ -309,7 +286,7 @@ class LoadSession:
             self._driver_greenlet.join(timeout=2)
             self._driver_greenlet = None
         if self._gc_thresholds is not None:
-            _untune_gc(self._gc_thresholds)
+            untune_gc(self._gc_thresholds)
             self._gc_thresholds = None
         remove_workdir(self.workdir)
         self.workdir = None

@@ -1,21 +1,21 @@
-"""The Locust process's GC tuning while devices run (loadtests.session)."""
+"""The Locust process's GC tuning while devices run (loadtests.gc_tuning)."""
 
 from __future__ import annotations
 
 import gc
 
-from loadtests.session import GC_GEN0_THRESHOLD, _tune_gc, _untune_gc
+from loadtests.gc_tuning import GC_GEN0_THRESHOLD, tune_gc, untune_gc
 
 
 def test_gc_tuning_raises_the_young_threshold_and_is_undone() -> None:
     original = gc.get_threshold()
     try:
-        restore = _tune_gc()
+        restore = tune_gc()
         assert restore == original
         assert gc.get_threshold()[0] >= GC_GEN0_THRESHOLD
         assert gc.get_threshold()[1:] == original[1:]
         assert gc.get_freeze_count() > 0
     finally:
-        _untune_gc(original)
+        untune_gc(original)
     assert gc.get_threshold() == original
     assert gc.get_freeze_count() == 0
