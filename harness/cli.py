@@ -195,6 +195,9 @@ def run_emulator(args: argparse.Namespace) -> int:
                 print(f"fleetbench emulator: error: cannot listen: {exc}", file=sys.stderr)
                 return EXIT_USAGE
             print(json.dumps(info.to_dict()), flush=True)
+            from harness.gc_tuning import tune_gc
+
+            tune_gc()  # after start: the CA, registry and settings leave the collections
             await stop.wait()
             return EXIT_OK
         finally:

@@ -43,6 +43,7 @@ from locust.stats import CSV_STATS_INTERVAL_SEC
 from devices.base import CertApi, Flow, MqttVersion
 from devices.mqtt_transport import LoopDriver
 from devices.virtual import Jitter, KeyType, RetryPolicy
+from harness.gc_tuning import tune_gc, untune_gc
 from harness.protocol import PayloadFormat
 from harness.reporting.records import new_run_id
 from loadtests import report as reporting
@@ -57,7 +58,6 @@ from loadtests.fleet_setup import (
     remove_workdir,
 )
 from loadtests.flows import FlowSettings, FlowTarget
-from loadtests.gc_tuning import tune_gc, untune_gc
 from loadtests.shapes import DEFAULT_PACING_S, Schedule, ShapeError, build_schedule
 from loadtests.truth import TruthReport, check_run
 

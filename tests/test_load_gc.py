@@ -1,10 +1,10 @@
-"""The Locust process's GC tuning while devices run (loadtests.gc_tuning)."""
+"""The Locust process's GC tuning while devices run (harness.gc_tuning)."""
 
 from __future__ import annotations
 
 import gc
 
-from loadtests.gc_tuning import GC_GEN0_THRESHOLD, tune_gc, untune_gc
+from harness.gc_tuning import GC_GEN0_THRESHOLD, tune_gc, untune_gc
 
 
 def test_gc_tuning_raises_the_young_threshold_and_is_undone() -> None:
