@@ -347,6 +347,16 @@ class Authentication:
         return RegistryReaction()
 
 
+def _scopes(certificate_id: str, client_id: str,
+            thing_name: str | None) -> tuple[tuple[str, str], ...]:
+    """What a connection's authorizer depends on, as :meth:`Authentication.invalidate` names
+    it: its certificate, and the things its client id and its chosen thing name."""
+    scopes: tuple[tuple[str, str], ...] = (("cert", certificate_id), ("thing", client_id))
+    if thing_name is not None and thing_name != client_id:
+        scopes += (("thing", thing_name),)
+    return scopes
+
+
 def _named(event: Any, attribute: str) -> frozenset[str]:
     value = getattr(event, attribute, None)
     return frozenset((value,)) if value else frozenset()
@@ -373,8 +383,7 @@ class ConnectionAuthorization:
         self._authorizer: Authorizer | None = None
         self._generation = -1  # the Authentication generation the authorizer is current at
         # what the authorizer depends on, as Authentication.invalidate names it
-        self._scopes: tuple[tuple[str, str], ...] = (
-            ("cert", principal.certificate_id), ("thing", client_id))
+        self._scopes = _scopes(principal.certificate_id, client_id, None)
 
     @property
     def authorizer(self) -> Authorizer:
@@ -383,10 +392,8 @@ class ConnectionAuthorization:
         if authorizer is None or (
                 self._generation != auth.generation
                 and not auth.unchanged_since(self._generation, self._scopes)):
-            self._generation = auth.generation
             authorizer = self._authorizer = self._build()
-        else:
-            self._generation = auth.generation
+        self._generation = auth.generation
         return authorizer
 
     def _build(self) -> Authorizer:
@@ -411,11 +418,7 @@ class ConnectionAuthorization:
                 exclusive = bool(view.exclusive)
         thing_name = thing.thing_name if thing is not None else None
         self.exclusive_thing_name = thing_name if exclusive else None
-        scopes: tuple[tuple[str, str], ...] = (("cert", principal.certificate_id),
-                                                ("thing", self.client_id))
-        if thing_name is not None and thing_name != self.client_id:
-            scopes += (("thing", thing_name),)
-        self._scopes = scopes
+        self._scopes = _scopes(principal.certificate_id, self.client_id, thing_name)
         context = ConnectionContext(
             region=self._auth.region,
             account_id=self._auth.account_id,

@@ -267,8 +267,7 @@ class ProvisioningService:
                           caller.client_id)
             response = ErrorResponse.from_error(protocol.internal_error())
         ok = not isinstance(response, ErrorResponse)
-        # request.topic was parsed above as a request topic: its replies are one level below
-        topic = f"{request.topic}/{protocol.ACCEPTED if ok else protocol.REJECTED}"
+        topic = protocol.accepted(request.topic) if ok else protocol.rejected(request.topic)
         detail: dict[str, Any] = {
             "source": OBSERVATION_SOURCE,
             "api": parsed.api.value,
