@@ -166,7 +166,9 @@ class Teardown:
     retry_timeout: float = RETRY_TIMEOUT_S
     sleep: Callable[[float], None] = time.sleep
     workers: int = TEARDOWN_WORKERS
-    _removed: list[Resource] = field(default_factory=list)
+    #: Insertion-ordered (the report lists removals in order) and O(1) to test: a load
+    #: run's teardown removes tens of thousands of resources (a list made it quadratic).
+    _removed: dict[Resource, None] = field(default_factory=dict)
     _leftovers: dict[Resource, str] = field(default_factory=dict)
     _done: set[Resource] = field(default_factory=set)
     _orphan_policies: set[str] = field(default_factory=set)
@@ -181,8 +183,7 @@ class Teardown:
     def _ok(self, resource: Resource) -> None:
         with self._lock:
             self._leftovers.pop(resource, None)
-            if resource not in self._removed:
-                self._removed.append(resource)
+            self._removed.setdefault(resource, None)
         log.info("event=removed %s=%s", resource.kind.value, resource.name)
 
     def _left(self, resource: Resource, reason: str) -> None:
