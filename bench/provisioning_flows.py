@@ -62,7 +62,7 @@ from typing import Any
 
 from bench import common
 from bench.common import MqttLink, Target
-from harness import pki
+from harness import pki, tls_engine
 from harness import protocol as fp
 from harness.emulator.mqtt.packets import (
     Connack,
@@ -151,26 +151,29 @@ async def _call(link: MqttLink, api: Api, fmt: PayloadFormat, payload: bytes,
 class DeviceSlot:
     """One concurrent device of a load process: each flow is a new device.
 
-    Its new certificate needs a TLS context presenting it. A new ``SSLContext`` costs
-    ~1.1 ms of CPU here (OpenSSL 3.0), and building it in an executor thread added a
-    thread hand-off per flow; the slot instead keeps one context (CA loaded once) and
-    loads each device's key and certificate into it (see devices.mqtt_transport's
-    ``SlotContext``: a connection keeps the identity it was made with). The key and
-    certificate go to one 0600 file in the process's private tmpfs scratch directory
-    (``load_cert_chain`` reads files only): memory, not disk, so it is done on the loop,
-    like the key generation and CSR signing beside it.
+    Its new certificate needs a TLS context presenting it. The slot keeps one client
+    context (CA loaded once) and gives it each device's key and certificate (a connection
+    keeps the identity it was made with). On the bundled engine (harness.tls_engine, the
+    default) that is the key object and the parsed certificate, ~0.1 ms; on Python's ssl
+    (``--load-tls stdlib``) ``load_cert_chain`` reads files only, so the pair goes to one
+    0600 file in the process's private tmpfs scratch directory (~0.7 ms: OpenSSL 3.0's
+    decoders).
     """
 
-    def __init__(self, target: Target, directory: Path) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        os.chmod(directory, 0o700)
+    def __init__(self, target: Target, directory: Path, engine: str = "bundled") -> None:
         self.file = directory / "device.pem"
-        self.context = common.trusting_context(target)
+        self.context = common.trusting_context(target, engine)
+        if not isinstance(self.context, tls_engine.EngineContext):
+            directory.mkdir(parents=True, exist_ok=True)
+            os.chmod(directory, 0o700)
 
-    def device_context(self, cert_pem: str, key_pem: str) -> ssl.SSLContext:
+    def device_context(self, cert_pem: str, key: pki.PrivateKey) -> ssl.SSLContext:
+        if isinstance(self.context, tls_engine.EngineContext):
+            self.context.use_identity(key, pki.load_certificate(cert_pem))
+            return self.context
         fd = os.open(self.file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as fh:
-            fh.write(key_pem)
+            fh.write(pki.private_key_pem(key))
             fh.write(cert_pem)
         self.context.load_cert_chain(self.file)
         return self.context
@@ -188,6 +191,7 @@ class FlowPlan:
     rate: float | None
     scratch: str
     timeout: float = FLOW_TIMEOUT_S
+    tls: str = "bundled"  # the load generator's TLS engine (harness.tls_engine or stdlib)
 
 
 async def one_flow(plan: FlowPlan, target: Target, claim_ctx: Any, slot: DeviceSlot,
@@ -202,21 +206,20 @@ async def one_flow(plan: FlowPlan, target: Target, claim_ctx: Any, slot: DeviceS
     link = await _connect(target, claim_ctx, f"{serial}-claim")
     try:
         if api is Api.CREATE_CERTIFICATE_FROM_CSR:
-            key = pki.generate_ec_key()
+            key: pki.PrivateKey = pki.generate_ec_key()
             body = fp.encode(fp.CreateCertificateFromCsrRequest(pki.make_csr(key, serial)), fmt)
             issued: Any = await _call(link, api, fmt, body, None, packet_id)
-            key_pem = pki.private_key_pem(key)
         else:
             body = b"{}" if fmt is PayloadFormat.JSON else b""
             issued = await _call(link, api, fmt, body, None, packet_id)
-            key_pem = issued.private_key
+            key = pki.load_private_key(issued.private_key)
         request = fp.RegisterThingRequest(issued.certificate_ownership_token,
                                           {"SerialNumber": serial})
         registered: Any = await _call(link, Api.REGISTER_THING, fmt, fp.encode(request, fmt),
                                       plan.template, packet_id)
     finally:
         link.close(graceful=True)
-    ctx = slot.device_context(issued.certificate_pem, key_pem)
+    ctx = slot.device_context(issued.certificate_pem, key)
     device = await _connect(target, ctx, registered.thing_name or serial)
     device.close(graceful=True)
 
@@ -225,7 +228,7 @@ async def worker(params: dict[str, Any]) -> dict[str, Any]:
     """Load-generator process: flows until t1, closed loop (concurrency) or open (rate)."""
     plan = FlowPlan(**params)
     target = Target.from_dict(plan.target)
-    claim_ctx = common.client_context(target)
+    claim_ctx = common.client_context(target, plan.tls)
     scratch = Path(plan.scratch)
     common.emit({"ready": True})
     t0, t1 = await common.wait_go()
@@ -254,14 +257,15 @@ async def worker(params: dict[str, Any]) -> dict[str, Any]:
                 kinds[kind] += 1
 
     async def closed_loop(n: int) -> None:
-        slot = DeviceSlot(target, scratch / f"slot-{n}")
+        slot = DeviceSlot(target, scratch / f"slot-{n}", plan.tls)
         while time.monotonic() < t1:
             await timed(slot)
 
     free: list[DeviceSlot] = []  # open loop: slots not running a flow
 
     async def in_free_slot() -> None:
-        slot = free.pop() if free else DeviceSlot(target, scratch / f"slot-{os.urandom(6).hex()}")
+        slot = free.pop() if free else DeviceSlot(target, scratch / f"slot-{os.urandom(6).hex()}",
+                                                  plan.tls)
         try:
             await timed(slot)
         finally:
@@ -417,7 +421,7 @@ def _plans(args: argparse.Namespace, target: Target, template: str, api: Api,
     return [FlowPlan(target=target.to_dict(), template=template, api=api.value,
                      payload_format=args.format, concurrency=per_concurrency,
                      rate=None if rate is None else rate / n,
-                     scratch=str(scratch / f"load-{i}")) for i in range(n)]
+                     scratch=str(scratch / f"load-{i}"), tls=args.load_tls) for i in range(n)]
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -538,6 +542,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--load-processes", type=int, default=1,
                         help="load-generator processes")
     parser.add_argument("--key-pool-seconds", type=float, default=10.0)
+    parser.add_argument("--load-tls", choices=("bundled", "stdlib"), default="bundled",
+                        help="the load generator's TLS engine: bundled = the OpenSSL inside "
+                             "cryptography (harness.tls_engine), stdlib = Python's ssl; the "
+                             "emulator's is its tls_engine setting (--emulator-arg=--broker-"
+                             "setting --emulator-arg=tls_engine='\"stdlib\"')")
     parser.add_argument("--emulator-arg", action="append", default=[], metavar="ARG",
                         help="extra `fleetbench emulator` argument (repeatable)")
     parser.add_argument("--cpus", choices=sorted(CPU_CHOICES), default="both",

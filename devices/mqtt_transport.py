@@ -36,6 +36,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
 from devices.base import EndpointParams, MqttVersion
+from harness import tls_engine
 
 log = logging.getLogger("fleetbench.devices.mqtt")
 
@@ -206,20 +207,25 @@ def _load_identity(ctx: ssl.SSLContext, cert_file: Path, key_file: Path) -> None
 class SlotContext:
     """One client context reused for the successive identities of one device slot.
 
-    A load generator's slot is a new device every flow, each with its own certificate. A
-    fresh ``SSLContext`` per certificate costs ~1.1 ms of CPU here (OpenSSL 3.0: the
-    context, its cipher list and the CA), of which loading the certificate and key is
-    ~0.7 ms; this class builds the context (CA, SNI, ALPN) once and only swaps the
-    identity. That is safe because OpenSSL copies a context's certificate and key into
-    each connection when the connection is made (``SSL_new``): a connection keeps the
-    identity it was made with whatever the context loads later. The slot must therefore
-    make each connection (``MqttTransport.connect``) before it calls :meth:`load` for the
-    next identity, which a slot running one flow at a time does.
+    A load generator's slot is a new device every flow, each with its own certificate. On
+    Python's ssl (OpenSSL 3.0 here) a fresh ``SSLContext`` per certificate costs ~1.1 ms
+    of CPU and loading a key and certificate into one ~0.7 ms; the slot's context runs on
+    the bundled OpenSSL instead (:mod:`harness.tls_engine`), built once (CA, SNI, ALPN),
+    and takes each device's key and certificate in ~0.1 ms. An identity is applied to a
+    connection when the connection is made (``wrap_socket``): a connection keeps the
+    identity it was made with whatever the slot loads later, so the slot must make each
+    connection (``MqttTransport.connect``) before it calls :meth:`load` for the next
+    identity, which a slot running one flow at a time does.
     """
 
     def __init__(self, ca_file: Path, server_name: str | None = None,
                  alpn: tuple[str, ...] = ()) -> None:
-        self._ctx = _trusting_context(Path(ca_file), server_name, tuple(alpn))
+        try:
+            self._ctx = tls_engine.client_context([Path(ca_file)], server_hostname=server_name,
+                                                  alpn=tuple(alpn))
+        except (OSError, ValueError) as exc:
+            raise ConnectRefused(f"cannot load the CA {Path(ca_file).name}: "
+                                 f"{getattr(exc, 'strerror', None) or exc}") from None
 
     @classmethod
     def for_endpoint(cls, endpoint: EndpointParams) -> SlotContext:
@@ -227,7 +233,13 @@ class SlotContext:
 
     def load(self, identity: TlsIdentity) -> ssl.SSLContext:
         """The context, now presenting ``identity``'s certificate and key."""
-        _load_identity(self._ctx, identity.cert_file, identity.key_file)
+        try:
+            self._ctx.load_identity_files(identity.cert_file, identity.key_file)
+        except (ssl.SSLError, OSError) as exc:
+            # The library text names the failing step, never the key material.
+            raise ConnectRefused(
+                f"cannot load TLS identity {identity.cert_file.name}/{identity.key_file.name}: "
+                f"{getattr(exc, 'reason', None) or type(exc).__name__}") from None
         return self._ctx
 
 
@@ -455,7 +467,7 @@ def _hard_close(sock: Any) -> None:
     endpoint). The base-class shutdown leaves the TLS object alone; paho's next read sees
     EOF and reports the loss through ``on_disconnect``."""
     try:
-        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+        socket.socket.shutdown(getattr(sock, "tcp_socket", sock), socket.SHUT_RDWR)
     except OSError:
         pass
 

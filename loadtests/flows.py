@@ -36,7 +36,6 @@ from devices.mqtt_transport import (
     MqttTransport,
     SlotContext,
     TlsIdentity,
-    ssl_context,
 )
 from devices.mqtt_transport import TransportError as MqttTransportError
 from devices.virtual import KeyType, ProvisioningClient, Rejected, RetryPolicy, generate_key
@@ -239,7 +238,8 @@ class DeviceSlot:
         """The shared claim's context (claim flows), built once per slot."""
         if self._claim_context is None:
             assert self.target.claim is not None
-            self._claim_context = ssl_context(self.target.claim)
+            self._claim_context = SlotContext.for_endpoint(self.target.endpoint).load(
+                self.target.claim)
         return self._claim_context
 
     def device_identity(self, key_pem: str, certificate_pem: str) -> TlsIdentity:
