@@ -69,7 +69,8 @@ NO_CHECK_TIME = 0x200000
 #: when the client offers nothing the server speaks).
 ALPN_NONE = SSL.NO_OVERLAPPING_PROTOCOLS
 _RECORD = 16 * 1024 + 256  # one TLS record's plaintext, with room
-_OUT_CHUNK = 64 * 1024
+_OUT_CHUNK = 16 * 1024  # one buffer of what the engine wrote, drained in a loop
+_READ_CHUNK = 64 * 1024  # most plaintext one read returns (uvloop asks for 256 KiB)
 
 
 #: X509_V_ERR_HOSTNAME_MISMATCH / X509_V_ERR_IP_ADDRESS_MISMATCH
@@ -200,6 +201,37 @@ def _verify_result(conn: SSL.Connection) -> int | None:
         return None
     code = int(_LIB.SSL_get_verify_result(handle))
     return code or None
+
+
+# SSL_get_error codes
+_WANT_READ, _WANT_WRITE, _ZERO_RETURN = 2, 3, 6
+_WANTS = (_WANT_READ, _WANT_WRITE)
+_no_zero: Any = (_FFI.new_allocator(should_clear_after_alloc=False)
+                 if _FFI is not None else None)
+
+
+def _io_handles(conn: SSL.Connection) -> tuple[Any, Any, Any] | None:
+    """(SSL, read BIO, write BIO) of a connection for the per-record fast path, or None to
+    use pyOpenSSL's public methods. The fast path makes the same OpenSSL calls as those
+    methods, without a Python exception for every "nothing more to read" (two per record)
+    and without a fresh buffer per call; errors still go through pyOpenSSL, which reads
+    OpenSSL's error queue and raises its usual exception."""
+    handle = _handle(conn, "_ssl")
+    if handle is None or not hasattr(conn, "_raise_ssl_error") or not all(
+            hasattr(_LIB, name) for name in ("SSL_read", "SSL_write", "SSL_do_handshake",
+                                             "SSL_get_error", "SSL_pending", "BIO_read",
+                                             "BIO_write")):
+        return None
+    return handle, getattr(conn, "_into_ssl", None), getattr(conn, "_from_ssl", None)
+
+
+def _error_of(conn: SSL.Connection, handle: Any, result: int) -> SSL.Error:
+    """The pyOpenSSL exception for a failed call on ``handle`` (not raised)."""
+    try:
+        conn._raise_ssl_error(handle, result)
+    except SSL.Error as exc:
+        return exc
+    return SSL.Error([])
 
 
 def _verify_error_text(code: int) -> str:
@@ -594,6 +626,7 @@ class BioTls(_TlsCommon):
         "_conn",
         "_eof_fed",
         "_eof_pending",
+        "_h",
         "_incoming",
         "_outgoing",
         "_python_name_check",
@@ -617,6 +650,9 @@ class BioTls(_TlsCommon):
         self._unread = False  # bytes given to the engine that no read has drained yet
         self._conn, self._python_name_check = context._new_connection(None, server_hostname)
         self._conn.set_app_data(self)
+        self._h = _io_handles(self._conn)
+        if self._h is not None and None in self._h:  # memory BIOs expected
+            self._h = None
 
     def switch(self, context: EngineContext) -> None:
         """Continue this handshake on ``context`` (from an SNI callback)."""
@@ -626,14 +662,29 @@ class BioTls(_TlsCommon):
     def _pull(self) -> None:
         incoming = self._incoming
         if incoming.pending:
-            self._conn.bio_write(incoming.read())
+            data = incoming.read()
+            if self._h is not None:
+                _LIB.BIO_write(self._h[1], data, len(data))
+            else:
+                self._conn.bio_write(data)
             self._unread = True
         if incoming.eof and not self._eof_fed:
             self._eof_fed = True
             self._conn.bio_shutdown()
 
     def _push(self) -> None:
-        conn, outgoing = self._conn, self._outgoing
+        outgoing = self._outgoing
+        if self._h is not None:
+            out = self._h[2]
+            buf = _no_zero("char[]", _OUT_CHUNK)
+            while True:
+                got = _LIB.BIO_read(out, buf, _OUT_CHUNK)
+                if got <= 0:
+                    return
+                outgoing.write(_FFI.buffer(buf, got))
+                if got < _OUT_CHUNK:
+                    return
+        conn = self._conn
         try:
             while True:
                 data = conn.bio_read(_OUT_CHUNK)
@@ -646,19 +697,35 @@ class BioTls(_TlsCommon):
     # -- SSLObject interface --------------------------------------------------------------------
     def do_handshake(self) -> None:
         self._pull()
-        try:
-            self._conn.do_handshake()
-        except SSL.WantReadError:
-            self._unread = False
-            self._push()
-            raise _want_read() from None
-        except SSL.WantWriteError:
-            self._push()
-            raise _want_write() from None
-        except SSL.Error as exc:
-            self._push()  # the alert
-            raise self._failed(exc) from None
-        self._push()
+        failure: SSL.Error | None = None
+        if self._h is not None:
+            handle = self._h[0]
+            result = _LIB.SSL_do_handshake(handle)
+            if result != 1:
+                code = _LIB.SSL_get_error(handle, result)
+                if code == _WANT_READ:
+                    self._unread = False
+                    self._push()
+                    raise _want_read()
+                if code == _WANT_WRITE:
+                    self._push()
+                    raise _want_write()
+                failure = _error_of(self._conn, handle, result)
+        else:
+            try:
+                self._conn.do_handshake()
+            except SSL.WantReadError:
+                self._unread = False
+                self._push()
+                raise _want_read() from None
+            except SSL.WantWriteError:
+                self._push()
+                raise _want_write() from None
+            except SSL.Error as exc:
+                failure = exc
+        self._push()  # the next flight, or the alert
+        if failure is not None:
+            raise self._failed(failure) from None
         try:
             self._check_server_name()
         except ssl.SSLError as exc:
@@ -669,6 +736,42 @@ class BioTls(_TlsCommon):
         if self._eof_pending:
             self._eof_pending = False
             return 0 if buffer is not None else b""
+        if self._h is None:
+            return self._read_public(n, buffer)
+        handle = self._h[0]
+        if buffer is not None:
+            cap = min(n or len(buffer), len(buffer))
+            base = _FFI.from_buffer(buffer, require_writable=True)
+        else:
+            cap = min(n, _READ_CHUNK)
+            base = _no_zero("char[]", cap)
+        total = code = result = 0
+        while total < cap:  # every complete record there is (see the class doc)
+            result = _LIB.SSL_read(handle, base + total, cap - total)
+            if result <= 0:
+                code = _LIB.SSL_get_error(handle, result)
+                break
+            total += result
+        if total >= cap:
+            self._unread = True  # stopped by the caller's limit: maybe more
+        else:
+            self._unread = False
+            if code == _ZERO_RETURN:
+                self._eof_pending = total > 0  # report the close_notify on the next read
+            elif not total:
+                self._push()
+                if code == _WANT_READ:
+                    raise _want_read()
+                if code == _WANT_WRITE:
+                    raise _want_write()
+                raise _ssl_error(_error_of(self._conn, handle, result),
+                                 _verify_result(self._conn))
+        self._push()
+        if buffer is not None:
+            return total
+        return _FFI.buffer(base, total)[:]
+
+    def _read_public(self, n: int, buffer: Any) -> Any:
         conn = self._conn
         limit = n if buffer is None else min(n or len(buffer), len(buffer))
         chunks: list[bytes] = []
@@ -678,7 +781,7 @@ class BioTls(_TlsCommon):
                 chunk = conn.recv(min(limit - total, _RECORD))
                 chunks.append(chunk)
                 total += len(chunk)
-            self._unread = True  # stopped by the caller's limit: maybe more
+            self._unread = True
         except SSL.WantReadError:
             self._unread = False
             if not total:
@@ -687,7 +790,7 @@ class BioTls(_TlsCommon):
         except SSL.ZeroReturnError:
             self._unread = False
             if total:
-                self._eof_pending = True  # report the close_notify on the next read
+                self._eof_pending = True
         except SSL.Error as exc:
             if not total:
                 self._push()
@@ -700,19 +803,36 @@ class BioTls(_TlsCommon):
         return data
 
     def write(self, data: Any) -> int:
-        try:
-            count = self._conn.send(data)
-        except SSL.WantReadError:
-            raise _want_read() from None
-        except SSL.WantWriteError:
-            raise _want_write() from None
-        except SSL.Error as exc:
-            raise _ssl_error(exc) from None
+        size = len(data)
+        if not size:
+            return 0
+        if self._h is not None:
+            handle = self._h[0]
+            count = _LIB.SSL_write(handle, _FFI.from_buffer(data), size)
+            if count <= 0:
+                code = _LIB.SSL_get_error(handle, count)
+                if code == _WANT_READ:
+                    raise _want_read()
+                if code == _WANT_WRITE:
+                    raise _want_write()
+                raise _ssl_error(_error_of(self._conn, handle, count))
+        else:
+            try:
+                count = self._conn.send(data)
+            except SSL.WantReadError:
+                raise _want_read() from None
+            except SSL.WantWriteError:
+                raise _want_write() from None
+            except SSL.Error as exc:
+                raise _ssl_error(exc) from None
         self._push()
         return int(count)
 
     def pending(self) -> int:
-        pending = int(self._conn.pending())
+        if self._h is not None:
+            pending = int(_LIB.SSL_pending(self._h[0]))
+        else:
+            pending = int(self._conn.pending())
         return pending or int(self._unread or self._eof_pending)
 
     def unwrap(self) -> None:
@@ -767,6 +887,8 @@ class SocketTls(_TlsCommon):
         self.tcp_socket = sock
         self._conn, self._python_name_check = context._new_connection(sock, server_hostname)
         self._conn.set_app_data(self)
+        handles = _io_handles(self._conn)
+        self._h = handles[0] if handles is not None else None
 
     def _io(self, call: Callable[[], Any], what: str) -> Any:
         """``call()``, retried as the socket's mode says when OpenSSL wants the descriptor
@@ -799,6 +921,20 @@ class SocketTls(_TlsCommon):
             raise self._failed(exc) from None
 
     def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        handle = self._h
+        if handle is not None:  # the fast path: paho reads a packet in three small recvs
+            buf = _no_zero("char[]", bufsize)
+            got = _LIB.SSL_read(handle, buf, bufsize)
+            if got > 0:
+                return _FFI.buffer(buf, got)[:]  # type: ignore[no-any-return]
+            code = _LIB.SSL_get_error(handle, got)
+            if code == _ZERO_RETURN:
+                return b""
+            if code not in _WANTS:
+                raise _ssl_error(_error_of(self._conn, handle, got)) from None
+            if self.tcp_socket.gettimeout() == 0.0:
+                raise _want_read() if code == _WANT_READ else _want_write()
+            # a blocking or timed socket: wait as below (SSL_read is simply called again)
         try:
             return self._io(lambda: self._conn.recv(bufsize), "read")  # type: ignore[no-any-return]
         except SSL.ZeroReturnError:
@@ -807,8 +943,19 @@ class SocketTls(_TlsCommon):
             raise _ssl_error(exc) from None
 
     def send(self, data: Any, flags: int = 0) -> int:
-        if not len(data):
+        size = len(data)
+        if not size:
             return 0  # SSL_write of nothing is an error; the stdlib sends nothing
+        handle = self._h
+        if handle is not None:
+            got = _LIB.SSL_write(handle, _FFI.from_buffer(data), size)
+            if got > 0:
+                return int(got)
+            code = _LIB.SSL_get_error(handle, got)
+            if code not in _WANTS:
+                raise _ssl_error(_error_of(self._conn, handle, got)) from None
+            if self.tcp_socket.gettimeout() == 0.0:
+                raise _want_read() if code == _WANT_READ else _want_write()
         try:
             return int(self._io(lambda: self._conn.send(data), "write"))
         except SSL.Error as exc:
