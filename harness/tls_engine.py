@@ -44,7 +44,6 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL, crypto
 
@@ -304,17 +303,19 @@ def _serial_text(serial: int) -> str:
 
 class PeerCertificate(Mapping[str, Any]):
     """``getpeercert()``'s dictionary, computed on first use (uvloop asks for it on every
-    handshake and nobody in the project reads it)."""
+    handshake and nobody in the project reads it), from a certificate or its DER."""
 
     __slots__ = ("_cert", "_dict")
 
-    def __init__(self, cert: x509.Certificate) -> None:
+    def __init__(self, cert: x509.Certificate | bytes) -> None:
         self._cert = cert
         self._dict: dict[str, Any] | None = None
 
     def _data(self) -> dict[str, Any]:
         if self._dict is None:
             cert = self._cert
+            if isinstance(cert, bytes):
+                cert = x509.load_der_x509_certificate(cert)
             data: dict[str, Any] = {
                 "subject": _name_tuple(cert.subject), "issuer": _name_tuple(cert.issuer),
                 "version": cert.version.value + 1, "serialNumber": _serial_text(cert.serial_number),
@@ -555,14 +556,16 @@ class _TlsCommon:
     context: EngineContext
     server_hostname: str | None
     _python_name_check: bool
+    _der: bytes | None
 
     def getpeercert(self, binary_form: bool = False) -> Any:
-        cert = self._conn.get_peer_certificate(as_cryptography=True)
-        if cert is None:
-            return None
-        if binary_form:
-            return cert.public_bytes(serialization.Encoding.DER)
-        return PeerCertificate(cert)
+        der = self._der
+        if der is None:  # once per connection: uvloop and the broker both ask
+            cert = self._conn.get_peer_certificate()
+            if cert is None:
+                return None
+            der = self._der = crypto.dump_certificate(crypto.FILETYPE_ASN1, cert)
+        return der if binary_form else PeerCertificate(der)
 
     def selected_alpn_protocol(self) -> str | None:
         proto = self._conn.get_alpn_proto_negotiated()
@@ -624,6 +627,7 @@ class BioTls(_TlsCommon):
 
     __slots__ = (
         "_conn",
+        "_der",
         "_eof_fed",
         "_eof_pending",
         "_h",
@@ -643,6 +647,7 @@ class BioTls(_TlsCommon):
         self.server_side = context.engine_server_side
         self.server_hostname = server_hostname
         self.fleetbench_sni: str | None = None
+        self._der: bytes | None = None
         self._incoming = incoming
         self._outgoing = outgoing
         self._eof_fed = False
@@ -885,6 +890,7 @@ class SocketTls(_TlsCommon):
         self.context = context
         self.server_hostname = server_hostname
         self.tcp_socket = sock
+        self._der: bytes | None = None
         self._conn, self._python_name_check = context._new_connection(sock, server_hostname)
         self._conn.set_app_data(self)
         handles = _io_handles(self._conn)
