@@ -9,7 +9,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,31 +21,21 @@ from harness.errors import (
     ResourceAlreadyExistsException,
     ResourceNotFoundException,
 )
-from tests.test_registry_kit import (
+from tests.test_registry_kit import (  # noqa: F401  (fixtures path and registry)
     ACCOUNT,
     ALLOW_ALL,
     REGION,
     EventLog,
     device_pem,
     emulator_ca,
+    file_registry,
     make_ca_pem,
     make_registry,
+    registry_file,
     reopen,
     self_signed_pem,
     verification_pem,
 )
-
-
-@pytest.fixture
-def path(tmp_path: Path) -> Path:
-    return tmp_path / "registry.db"
-
-
-@pytest.fixture
-def registry(path: Path) -> Iterator[Registry]:
-    reg = make_registry(path)
-    yield reg
-    reg.close()
 
 
 def _populate(registry: Registry) -> None:

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
+import pytest
 from botocore import xform_name
 from botocore.model import Shape
 from cryptography import x509
@@ -37,6 +38,21 @@ def make_registry(path: Path, *, clock: Clock | None = None,
                   settings: RegistrySettings | None = None, **kwargs: Any) -> Registry:
     return Registry(path, region=REGION, account_id=ACCOUNT, clock=clock or Clock(),
                     ca=emulator_ca(), settings=settings, **kwargs)
+
+
+@pytest.fixture(name="path")
+def registry_file(tmp_path: Path) -> Path:
+    """Fixture ``path``: the registry's SQLite file, for tests that reopen it (import this
+    function into a test module to use it)."""
+    return tmp_path / "registry.db"
+
+
+@pytest.fixture(name="registry")
+def file_registry(path: Path) -> Iterator[Registry]:
+    """Fixture ``registry``: a registry on ``path``, closed after the test."""
+    reg = make_registry(path)
+    yield reg
+    reg.close()
 
 
 def reopen(registry: Registry, path: Path) -> Registry:

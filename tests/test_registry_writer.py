@@ -16,19 +16,14 @@ from harness import pki
 from harness.emulator.registry import CertificateStatus, Registry
 from harness.emulator.registry.writer import RegistryWriter
 from harness.errors import InternalFailureException, ResourceAlreadyExistsException
-from tests.test_registry_kit import EventLog, device_pem, make_registry, reopen
-
-
-@pytest.fixture
-def path(tmp_path: Path) -> Path:
-    return tmp_path / "registry.db"
-
-
-@pytest.fixture
-def registry(path: Path) -> Iterator[Registry]:
-    reg = make_registry(path)
-    yield reg
-    reg.close()
+from tests.test_registry_kit import (  # noqa: F401  (fixtures path and registry)
+    EventLog,
+    device_pem,
+    file_registry,
+    make_registry,
+    registry_file,
+    reopen,
+)
 
 
 @pytest.fixture
