@@ -120,6 +120,9 @@ def _base_engine(method: int, cadata: Iterable[str], *, verify: int, store_flags
                  on_bad_anchor: Callable[[Exception], None] | None = None) -> SSL.Context:
     engine = SSL.Context(method)
     engine.set_min_proto_version(SSL.TLS1_2_VERSION)
+    # As Python's ssl does: an idle connection holds no 16 KiB record buffers (10,000 idle
+    # emulator connections: 735 MiB without, the stdlib engine's ~490 MiB with)
+    engine.set_mode(SSL.MODE_RELEASE_BUFFERS)
     engine.set_cipher_list(PYTHON_DEFAULT_CIPHERS.encode())
     engine.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE)
     store = engine.get_cert_store()
