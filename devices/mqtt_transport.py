@@ -186,19 +186,29 @@ def _trusting_context(ca_file: Path, server_name: str | None,
     try:
         ctx.load_verify_locations(cafile=str(ca_file))
     except (ssl.SSLError, OSError) as exc:
-        raise ConnectRefused(f"cannot load the CA {ca_file.name}: "
-                             f"{getattr(exc, 'reason', None) or type(exc).__name__}") from None
+        raise _ca_refused(ca_file, exc) from None
     if alpn:
         ctx.set_alpn_protocols(list(alpn))
     ctx.server_name = server_name
     return ctx
 
 
+def _ca_refused(ca_file: Path, exc: Exception) -> ConnectRefused:
+    """A CA file that cannot be loaded, by either engine."""
+    why = (getattr(exc, "reason", None) or getattr(exc, "strerror", None) or str(exc)
+           or type(exc).__name__)
+    return ConnectRefused(f"cannot load the CA {ca_file.name}: {why}")
+
+
 def _load_identity(ctx: ssl.SSLContext, cert_file: Path, key_file: Path) -> None:
+    """Present ``cert_file`` + ``key_file`` on ``ctx`` (either engine); failures as
+    :class:`ConnectRefused` whose text names the failing step, never the key material."""
     try:
-        ctx.load_cert_chain(str(cert_file), str(key_file))
+        if isinstance(ctx, tls_engine.EngineContext):
+            ctx.load_identity_files(cert_file, key_file)
+        else:
+            ctx.load_cert_chain(str(cert_file), str(key_file))
     except (ssl.SSLError, OSError) as exc:
-        # The library text names the failing step, never the key material.
         raise ConnectRefused(
             f"cannot load TLS identity {cert_file.name}/{key_file.name}: "
             f"{getattr(exc, 'reason', None) or type(exc).__name__}") from None
@@ -224,8 +234,7 @@ class SlotContext:
             self._ctx = tls_engine.client_context([Path(ca_file)], server_hostname=server_name,
                                                   alpn=tuple(alpn))
         except (OSError, ValueError) as exc:
-            raise ConnectRefused(f"cannot load the CA {Path(ca_file).name}: "
-                                 f"{getattr(exc, 'strerror', None) or exc}") from None
+            raise _ca_refused(Path(ca_file), exc) from None
 
     @classmethod
     def for_endpoint(cls, endpoint: EndpointParams) -> SlotContext:
@@ -233,13 +242,7 @@ class SlotContext:
 
     def load(self, identity: TlsIdentity) -> ssl.SSLContext:
         """The context, now presenting ``identity``'s certificate and key."""
-        try:
-            self._ctx.load_identity_files(identity.cert_file, identity.key_file)
-        except (ssl.SSLError, OSError) as exc:
-            # The library text names the failing step, never the key material.
-            raise ConnectRefused(
-                f"cannot load TLS identity {identity.cert_file.name}/{identity.key_file.name}: "
-                f"{getattr(exc, 'reason', None) or type(exc).__name__}") from None
+        _load_identity(self._ctx, identity.cert_file, identity.key_file)
         return self._ctx
 
 

@@ -548,6 +548,53 @@ def test_identity_is_fixed_when_the_socket_is_wrapped(env: Env, server: Server) 
         assert server.conn().peer_der == der(later[1])
 
 
+# --------------------------------------------------------------------------- without native handles
+# The engine reaches OpenSSL through handles pyOpenSSL keeps privately (harness.tls_engine
+# ._native). Without them every path must still work through pyOpenSSL's public methods:
+# a Python name check, public record I/O, public identity loading.
+
+
+@pytest.fixture
+def public_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    from harness.tls_engine import _native
+
+    monkeypatch.setattr(_native, "handle_of", lambda _obj, _name: None)
+
+
+@pytest.mark.usefixtures("public_only")
+def test_without_native_handles_records_flow(env: Env, serve: Callable[..., Server]) -> None:
+    server = serve()  # made after the patch: its connections use the public methods too
+    ctx = engine_client(env)
+    big = bytes(range(256)) * 800
+    assert exchange(server.port, ctx, b"hello", big).data == b"hello" + big
+    assert coalesced_exchange(server.port, ctx, [b"one", b"two"]) == b"onetwo"
+    with socket_tls(server.port, ctx) as tls:
+        assert tls._h is None and tls._python_name_check  # the public paths, really
+        tls.sendall(b"ping")
+        assert tls.recv(10) == b"ping"
+        tls.setblocking(False)
+        with pytest.raises(ssl.SSLWantReadError):
+            tls.recv(10)
+
+
+@pytest.mark.usefixtures("public_only")
+def test_without_native_handles_checks_still_refuse(env: Env,
+                                                    serve: Callable[..., Server]) -> None:
+    server = serve()
+    with pytest.raises(ssl.SSLCertVerificationError) as info:
+        exchange(server.port, engine_client(env), b"x", hostname="wrong.example")
+    assert info.value.verify_message == (
+        "Hostname mismatch, certificate is not valid for 'wrong.example'.")
+    refused(server.port, engine_client(env, identity=env.new_device(env.other_ca)))
+    assert isinstance(server.failure(), ssl.SSLCertVerificationError)
+    key_file, cert_file = env.dir / "public-other.key", env.dir / "public-device.pem"
+    pki.write_secret(key_file, pki.private_key_pem(pki.generate_ec_key()))
+    cert_file.write_text(pki.certificate_pem(env.device[1]))
+    with pytest.raises(ssl.SSLError) as mismatch:
+        engine_client(env, use_identity=False).load_identity_files(cert_file, key_file)
+    assert mismatch.value.reason == "KEY_VALUES_MISMATCH"
+
+
 # --------------------------------------------------------------------------- 7. identity files
 
 

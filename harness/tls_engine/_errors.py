@@ -12,6 +12,43 @@ from harness.tls_engine import _native as native
 NAME_MISMATCH = {62: "Hostname mismatch", 64: "IP address mismatch"}
 
 
+def _tagged(err: OSError, library: str, reason: str) -> OSError:
+    """``err`` with the ``library`` and ``reason`` attributes the stdlib's SSL errors carry."""
+    err.library = library  # type: ignore[attr-defined]
+    err.reason = reason  # type: ignore[attr-defined]
+    return err
+
+
+def name_mismatch_text(hostname: str, code: int = 62) -> str:
+    """The stdlib's ``verify_message`` for a certificate that does not name ``hostname``."""
+    return f"{NAME_MISMATCH[code]}, certificate is not valid for '{hostname}'."
+
+
+def verify_failed(message: str, code: int, library: str = "SSL",
+                  reason: str = "CERTIFICATE_VERIFY_FAILED",
+                  text: str = "certificate verify failed") -> ssl.SSLCertVerificationError:
+    """A certificate-verification failure as the stdlib raises it."""
+    err = ssl.SSLCertVerificationError(1, f"[{library}: {reason}] {text}: {message}")
+    err.verify_code = code
+    err.verify_message = message
+    _tagged(err, library, reason)
+    return err
+
+
+def key_mismatch() -> ssl.SSLError:
+    """``load_cert_chain``'s error for a key that does not belong to the certificate."""
+    err = ssl.SSLError(116, "[X509: KEY_VALUES_MISMATCH] key values mismatch")
+    _tagged(err, "X509", "KEY_VALUES_MISMATCH")
+    return err
+
+
+def pem_lib() -> ssl.SSLError:
+    """``load_cert_chain``'s error for a file that holds no usable PEM key or certificate."""
+    err = ssl.SSLError(9, "[SSL] PEM lib")
+    _tagged(err, "SSL", "PEM_LIB")
+    return err
+
+
 def ssl_error(exc: BaseException, verify_error: int | None = None,
                hostname: str | None = None) -> OSError:
     """The stdlib exception a pyOpenSSL failure corresponds to (same class and texts)."""
@@ -20,10 +57,8 @@ def ssl_error(exc: BaseException, verify_error: int | None = None,
     if isinstance(exc, SSL.SysCallError):
         code, text = (*exc.args, None, None)[:2]
         if code == -1 or code == 0 or code is None:
-            err: OSError = ssl.SSLEOFError(8, "EOF occurred in violation of protocol")
-            err.reason = "UNEXPECTED_EOF_WHILE_READING"  # type: ignore[attr-defined]
-            err.library = "SSL"  # type: ignore[attr-defined]
-            return err
+            return _tagged(ssl.SSLEOFError(8, "EOF occurred in violation of protocol"), "SSL",
+                           "UNEXPECTED_EOF_WHILE_READING")
         return OSError(code, text)
     details = exc.args[0] if exc.args and isinstance(exc.args[0], list) else []
     library, text = "SSL", str(exc) or type(exc).__name__
@@ -34,20 +69,20 @@ def ssl_error(exc: BaseException, verify_error: int | None = None,
     reason = text.upper().replace(" ", "_").replace("-", "_")
     if "verify failed" in text:
         if verify_error in NAME_MISMATCH and hostname:  # the stdlib's own wording
-            message = (f"{NAME_MISMATCH[verify_error]}, certificate is not valid for "
-                       f"'{hostname}'.")
+            message = name_mismatch_text(hostname, verify_error)
         else:
             message = native.verify_error_text(verify_error) if verify_error else text
-        verr = ssl.SSLCertVerificationError(1, f"[{library}: {reason}] {text}: {message}")
-        verr.verify_code = verify_error or 0
-        verr.verify_message = message
-        verr.reason = reason  # type: ignore[attr-defined]
-        verr.library = library  # type: ignore[attr-defined]
-        return verr
-    out = ssl.SSLError(1, f"[{library}: {reason}] {text}")
-    out.reason = reason  # type: ignore[attr-defined]
-    out.library = library  # type: ignore[attr-defined]
-    return out
+        return verify_failed(message, verify_error or 0, library, reason, text)
+    return _tagged(ssl.SSLError(1, f"[{library}: {reason}] {text}"), library, reason)
+
+
+def wanted(code: int) -> ssl.SSLError | None:
+    """The stdlib's "try again" exception for an ``SSL_get_error`` code (None: a failure)."""
+    if code == native.WANT_READ:
+        return want_read()
+    if code == native.WANT_WRITE:
+        return want_write()
+    return None
 
 
 def want_read() -> ssl.SSLWantReadError:

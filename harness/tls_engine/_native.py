@@ -11,7 +11,6 @@ the per-record fast path (:func:`io_handles`).
 from __future__ import annotations
 
 import ipaddress
-import ssl
 from typing import Any
 
 from OpenSSL import SSL, crypto
@@ -56,29 +55,25 @@ def set_expected_name(conn: SSL.Connection, name: str) -> bool:
     return bool(LIB.X509_VERIFY_PARAM_set1_host(param, encoded, len(encoded)))
 
 
-def present(conn: SSL.Connection, identity: tuple[crypto.PKey, crypto.X509]) -> None:
+def present(conn: SSL.Connection, identity: tuple[crypto.PKey, crypto.X509]) -> bool:
     """Put a key + certificate on one connection: natively a few microseconds (pyOpenSSL's
-    public calls take cryptography objects only and re-decode them, ~0.13 ms). A key that
-    does not match the certificate raises the stdlib's ``KEY_VALUES_MISMATCH``."""
+    public calls take cryptography objects only and re-decode them, ~0.13 ms). False if the
+    key does not match the certificate."""
     pkey, cert = identity
     handle = handle_of(conn, "_ssl")
     key_ptr, cert_ptr = getattr(pkey, "_pkey", None), getattr(cert, "_x509", None)
     if handle is not None and key_ptr is not None and cert_ptr is not None:
-        ok = (LIB.SSL_use_certificate(handle, cert_ptr) == 1
-              and LIB.SSL_use_PrivateKey(handle, key_ptr) == 1)
-        if not ok:
-            LIB.ERR_clear_error()
-    else:
-        try:
-            conn.use_certificate(cert.to_cryptography())
-            conn.use_privatekey(pkey.to_cryptography_key())  # type: ignore[arg-type]
-            ok = True
-        except SSL.Error:
-            ok = False
-    if not ok:
-        err = ssl.SSLError(116, "[X509: KEY_VALUES_MISMATCH] key values mismatch")
-        err.reason = "KEY_VALUES_MISMATCH"  # type: ignore[attr-defined]
-        raise err
+        if (LIB.SSL_use_certificate(handle, cert_ptr) == 1
+                and LIB.SSL_use_PrivateKey(handle, key_ptr) == 1):
+            return True
+        LIB.ERR_clear_error()
+        return False
+    try:
+        conn.use_certificate(cert.to_cryptography())
+        conn.use_privatekey(pkey.to_cryptography_key())  # type: ignore[arg-type]
+    except SSL.Error:
+        return False
+    return True
 
 
 def verify_result(conn: SSL.Connection) -> int | None:
@@ -91,7 +86,6 @@ def verify_result(conn: SSL.Connection) -> int | None:
 
 # SSL_get_error codes
 WANT_READ, WANT_WRITE, ZERO_RETURN = 2, 3, 6
-WANTS = (WANT_READ, WANT_WRITE)
 no_zero: Any = (FFI.new_allocator(should_clear_after_alloc=False)
                  if FFI is not None else None)
 

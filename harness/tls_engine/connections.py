@@ -71,14 +71,7 @@ class _TlsCommon:
             return
         cert = self._conn.get_peer_certificate(as_cryptography=True)
         if cert is None or not hostname_matches(cert, name):
-            message = f"Hostname mismatch, certificate is not valid for '{name}'."
-            err = ssl.SSLCertVerificationError(
-                1, f"[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: {message}")
-            err.verify_code = 62
-            err.verify_message = message
-            err.reason = "CERTIFICATE_VERIFY_FAILED"  # type: ignore[attr-defined]
-            err.library = "SSL"  # type: ignore[attr-defined]
-            raise err
+            raise errors.verify_failed(errors.name_mismatch_text(name), 62)
 
     def _failed(self, exc: BaseException) -> OSError:
         err = exc if isinstance(exc, ssl.SSLError) else errors.ssl_error(
@@ -183,13 +176,12 @@ class BioTls(_TlsCommon):
             result = native.LIB.SSL_do_handshake(handle)
             if result != 1:
                 code = native.LIB.SSL_get_error(handle, result)
-                if code == native.WANT_READ:
-                    self._unread = False
+                want = errors.wanted(code)
+                if want is not None:
+                    if code == native.WANT_READ:
+                        self._unread = False
                     self._push()
-                    raise errors.want_read()
-                if code == native.WANT_WRITE:
-                    self._push()
-                    raise errors.want_write()
+                    raise want
                 failure = native.error_of(self._conn, handle, result)
         else:
             try:
@@ -240,12 +232,8 @@ class BioTls(_TlsCommon):
                 self._eof_pending = total > 0  # report the close_notify on the next read
             elif not total:
                 self._push()
-                if code == native.WANT_READ:
-                    raise errors.want_read()
-                if code == native.WANT_WRITE:
-                    raise errors.want_write()
-                raise errors.ssl_error(native.error_of(self._conn, handle, result),
-                                 native.verify_result(self._conn))
+                raise errors.wanted(code) or errors.ssl_error(
+                    native.error_of(self._conn, handle, result), native.verify_result(self._conn))
         self._push()
         if buffer is not None:
             return total
@@ -290,12 +278,8 @@ class BioTls(_TlsCommon):
             handle = self._h[0]
             count = native.LIB.SSL_write(handle, native.FFI.from_buffer(data), size)
             if count <= 0:
-                code = native.LIB.SSL_get_error(handle, count)
-                if code == native.WANT_READ:
-                    raise errors.want_read()
-                if code == native.WANT_WRITE:
-                    raise errors.want_write()
-                raise errors.ssl_error(native.error_of(self._conn, handle, count))
+                raise errors.wanted(native.LIB.SSL_get_error(handle, count)) or errors.ssl_error(
+                    native.error_of(self._conn, handle, count))
         else:
             try:
                 count = self._conn.send(data)
@@ -394,6 +378,15 @@ class SocketTls(_TlsCommon):
                         raise TimeoutError(f"The {what} operation timed out") from None
                 _wait_fd(self.tcp_socket.fileno(), write=write, timeout=left, what=what)
 
+    def _retry_or_raise(self, code: int, result: int) -> None:
+        """After a fast-path call that did not complete: raise its failure, or, on a
+        non-blocking socket, the "try again" paho expects; return to wait and retry."""
+        want = errors.wanted(code)
+        if want is None:
+            raise errors.ssl_error(native.error_of(self._conn, self._h, result))
+        if self.tcp_socket.gettimeout() == 0.0:
+            raise want
+
     def do_handshake(self) -> None:
         try:
             self._io(self._conn.do_handshake, "handshake")
@@ -411,11 +404,7 @@ class SocketTls(_TlsCommon):
             code = native.LIB.SSL_get_error(handle, got)
             if code == native.ZERO_RETURN:
                 return b""
-            if code not in native.WANTS:
-                raise errors.ssl_error(native.error_of(self._conn, handle, got)) from None
-            if self.tcp_socket.gettimeout() == 0.0:
-                raise errors.want_read() if code == native.WANT_READ else errors.want_write()
-            # a blocking or timed socket: wait as below (SSL_read is simply called again)
+            self._retry_or_raise(code, got)  # a blocking or timed socket: wait as below
         try:
             return self._io(lambda: self._conn.recv(bufsize), "read")  # type: ignore[no-any-return]
         except SSL.ZeroReturnError:
@@ -432,11 +421,7 @@ class SocketTls(_TlsCommon):
             got = native.LIB.SSL_write(handle, native.FFI.from_buffer(data), size)
             if got > 0:
                 return int(got)
-            code = native.LIB.SSL_get_error(handle, got)
-            if code not in native.WANTS:
-                raise errors.ssl_error(native.error_of(self._conn, handle, got)) from None
-            if self.tcp_socket.gettimeout() == 0.0:
-                raise errors.want_read() if code == native.WANT_READ else errors.want_write()
+            self._retry_or_raise(native.LIB.SSL_get_error(handle, got), got)
         try:
             return int(self._io(lambda: self._conn.send(data), "write"))
         except SSL.Error as exc:

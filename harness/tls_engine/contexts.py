@@ -11,6 +11,7 @@ from typing import Any
 from cryptography import x509
 from OpenSSL import SSL, crypto
 
+from harness.tls_engine import _errors as errors
 from harness.tls_engine import _native as native
 from harness.tls_engine.connections import BioTls, SocketTls
 
@@ -70,10 +71,9 @@ class EngineContext(ssl.SSLContext):
             identity = (crypto.load_privatekey(crypto.FILETYPE_PEM, key_pem),
                         crypto.load_certificate(crypto.FILETYPE_PEM, cert_pem))
         except crypto.Error as exc:
-            err = ssl.SSLError(9, "[SSL] PEM lib")
-            err.reason = "PEM_LIB"  # type: ignore[attr-defined]
-            raise err from exc
-        native.present(SSL.Connection(self.engine, None), identity)  # refuses a mismatched pair
+            raise errors.pem_lib() from exc
+        if not native.present(SSL.Connection(self.engine, None), identity):
+            raise errors.key_mismatch()
         self.identity = identity
 
     def _new_connection(self, sock: socket.socket | None,
@@ -93,8 +93,8 @@ class EngineContext(ssl.SSLContext):
                     conn.set_tlsext_host_name(server_hostname.encode("idna"))
                 if check:
                     python_check = not native.set_expected_name(conn, server_hostname)
-            if self.identity is not None:
-                native.present(conn, self.identity)
+            if self.identity is not None and not native.present(conn, self.identity):
+                raise errors.key_mismatch()
         return conn, python_check
 
     def wrap_bio(self, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO,  # type: ignore[override]

@@ -425,7 +425,8 @@ class Broker:
 
     def _build_engine_context(self, anchors: tuple[str, ...]) -> ssl.SSLContext:
         """The same server context on the bundled OpenSSL (harness.tls_engine): the same
-        TLS versions, suites, ALPN, trust flags and no tickets, ~0.3 ms less per handshake."""
+        TLS versions, suites, groups, ALPN and trust flags, no ticket resumption (TLS 1.3
+        stateful tickets may be sent, none resumes), ~0.3 ms less per handshake."""
         ctx = tls_engine.server_context(
             anchors=anchors, key=self._server_key, cert=self._server_cert,
             alpn=[ALPN_MQTT_CA], check_time=self.settings.reject_expired_certificates,
