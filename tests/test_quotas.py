@@ -177,6 +177,39 @@ def test_a_bucket_never_admits_more_than_burst_plus_rate_times_elapsed(
     assert admitted <= burst + rate * clock.offset + 1e-6
 
 
+@settings(max_examples=60, deadline=None)
+@given(rate=st.floats(min_value=1, max_value=50), burst=st.integers(min_value=1, max_value=20),
+       arrivals=st.lists(st.tuples(st.floats(min_value=0, max_value=0.2),
+                                   st.floats(min_value=0, max_value=0.5)),
+                         min_size=1, max_size=200))
+def test_a_request_that_waited_on_a_busy_loop_is_charged_at_its_arrival(
+        rate: float, burst: int, arrivals: list[tuple[float, float]]) -> None:
+    # spec fleet §5 as a client sees it: within any window of arrival times no more than
+    # burst + rate × window are admitted, however long each request waited to be checked
+    clock = SteppedClock()
+    bucket = TokenBucket(Rate(rate, float(burst)), clock)
+    arrived = 0.0
+    admitted: list[float] = []
+    for gap, wait in arrivals:
+        arrived += gap
+        clock.advance(max(0.0, arrived + wait - clock.offset))  # checked after it arrived
+        if bucket.try_acquire(at=arrived):
+            admitted.append(arrived)
+    for i, start in enumerate(admitted):
+        for end in admitted[i:]:
+            within = sum(1 for t in admitted[i:] if t <= end)
+            assert within <= burst + rate * (end - start) + 1e-6
+
+
+def test_a_late_check_does_not_refill_the_bucket_for_the_time_it_waited() -> None:
+    clock = SteppedClock()
+    bucket = TokenBucket(Rate.of(2.0), clock)
+    assert bucket.try_acquire(at=0.0) and bucket.try_acquire(at=0.0)
+    clock.advance(0.6)  # the loop was busy: the next request is checked 0.6 s after it came
+    assert not bucket.try_acquire(at=0.1)  # it arrived when 0.2 of a token had come back
+    assert bucket.try_acquire()  # charged now (0.6 s): a whole token is back
+
+
 def test_the_enforcer_answers_429_on_mqtt_and_throttling_exception_on_the_control_plane() -> None:
     clock = SteppedClock()
     log = ObservationLog(clock)

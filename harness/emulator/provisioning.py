@@ -254,7 +254,8 @@ class ProvisioningService:
         refusal = fault.rejection if fault is not None else None
         if refusal is None and self.quotas is not None:
             refusal = self.quotas.check_mqtt(parsed.api.value, client_id=caller.client_id,
-                                             certificate_id=caller.certificate_id)
+                                             certificate_id=caller.certificate_id,
+                                             received_at=request.received_at)
         response: protocol.Response | ErrorResponse
         try:
             if refusal is not None:

@@ -385,12 +385,18 @@ class TokenBucket:
         self._at = clock.now()
         self._lock = threading.Lock()
 
-    def try_acquire(self, tokens: float = 1.0) -> bool:
-        """Take ``tokens`` if the bucket holds them; False (and nothing taken) otherwise."""
+    def try_acquire(self, tokens: float = 1.0, *, at: float | None = None) -> bool:
+        """Take ``tokens`` if the bucket holds them; False (and nothing taken) otherwise.
+
+        ``at`` is when the request arrived (the clock's time now when None): a request
+        that waited behind others on a busy loop is charged at its arrival, so the quota
+        holds over arrival times, which is what a client observes. Time never runs
+        backwards for the bucket: a late arrival time is charged at the bucket's latest.
+        """
         with self._lock:
-            now = self._clock.now()
+            now = self._clock.now() if at is None else at
             elapsed = max(0.0, now - self._at)
-            self._at = now
+            self._at = max(self._at, now)
             self._tokens = min(self.rate.burst, self._tokens + elapsed * self.rate.per_second)
             if self._tokens >= tokens:
                 self._tokens -= tokens
@@ -453,15 +459,18 @@ class QuotaEnforcer:
         self._broker.settings = self._broker_base.replace(**overrides) if overrides \
             else self._broker_base
 
-    def admit(self, name: str) -> bool:
-        """Whether a request to ``name`` (canonical) is within its quota (True when none)."""
+    def admit(self, name: str, *, at: float | None = None) -> bool:
+        """Whether a request to ``name`` (canonical) that arrived ``at`` (now when None) is
+        within its quota (True when none)."""
         bucket = self._buckets.get(name)
-        return bucket is None or bucket.try_acquire()
+        return bucket is None or bucket.try_acquire(at=at)
 
     def check_mqtt(self, api: str, *, client_id: str | None = None,
-                   certificate_id: str | None = None) -> ProvisioningError | None:
-        """The 429 rejection for a throttled MQTT API request, or None to go on."""
-        if self.admit(api):
+                   certificate_id: str | None = None,
+                   received_at: float | None = None) -> ProvisioningError | None:
+        """The 429 rejection for a throttled MQTT API request that the broker received at
+        ``received_at`` (now when None), or None to go on."""
+        if self.admit(api, at=received_at):
             return None
         self._record(api, client_id, certificate_id)
         return protocol.throttled(api)
