@@ -60,7 +60,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from bench import common
+from bench import common, machine_speed
 from bench.common import MqttLink, Target
 from harness import pki, tls_engine
 from harness import protocol as fp
@@ -333,6 +333,9 @@ class Measurement:
     error_kinds: dict[str, int]
     p95_ms: float
     cpus: CpuMode = CpuMode.PINNED
+    #: the machine's speed just before and after (:mod:`bench.machine_speed`, CPU ms of the
+    #: reference work: lower is faster), so that a rate can be read against it
+    speed_ms: tuple[float, float] = (math.nan, math.nan)
 
     def row(self) -> list[object]:
         r = self.run
@@ -340,11 +343,13 @@ class Measurement:
                  if r.server_cpu_ms_per_op and not math.isnan(r.server_cpu_ms_per_op)
                  else math.nan)
         return [self.name, self.cpus.value, r.rate, r.p50_ms, self.p95_ms, r.p99_ms,
-                r.server_cpu_ms_per_op, r.client_cpu_ms_per_op, ratio, r.errors]
+                r.server_cpu_ms_per_op, r.client_cpu_ms_per_op, ratio, r.errors,
+                f"{self.speed_ms[0]:.0f}/{self.speed_ms[1]:.0f}"]
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "cpus": self.cpus.value, **self.run.to_dict(),
-                "p95_ms": self.p95_ms, "error_kinds": self.error_kinds}
+                "p95_ms": self.p95_ms, "error_kinds": self.error_kinds,
+                "reference_work_ms": {"before": self.speed_ms[0], "after": self.speed_ms[1]}}
 
 
 class _Emulator(common.BrokerProcess):
@@ -381,10 +386,12 @@ def measure(name: str, broker: common.BrokerProcess, plans: Sequence[FlowPlan],
     emulator_cpus, load_cpus = common.cpu_plan(mode is CpuMode.PINNED)
     common.pin_process_tree(broker.pid, emulator_cpus)
     workers = _Tracked("bench.provisioning_flows", [p.__dict__ for p in plans], load_cpus)
+    before = machine_speed.reference_ms()
     try:
         run = common.measured_run(broker, workers, duration, warmup)
     finally:
         workers.kill()
+    after = machine_speed.reference_ms()
     kinds: Counter[str] = Counter()
     for result in workers.last:
         kinds.update(result.get("error_kinds") or {})
@@ -392,9 +399,10 @@ def measure(name: str, broker: common.BrokerProcess, plans: Sequence[FlowPlan],
     print(f"  {name} ({mode.value}): {run.rate:,.1f} flows/s p50 {run.p50_ms:.1f} ms "
           f"p99 {run.p99_ms:.1f} ms "
           f"emulator {run.server_cpu_ms_per_op:.2f} ms/flow load "
-          f"{run.client_cpu_ms_per_op:.2f} ms/flow errors {run.errors} {dict(kinds) or ''}",
+          f"{run.client_cpu_ms_per_op:.2f} ms/flow errors {run.errors} {dict(kinds) or '-'}"
+          f" (machine: reference work {before:.0f} ms before, {after:.0f} ms after)",
           flush=True)
-    return Measurement(name, run, dict(kinds), p95, mode)
+    return Measurement(name, run, dict(kinds), p95, mode, (before, after))
 
 
 def key_pool_rate(seconds: float, workers: int = 1) -> float:
@@ -494,7 +502,10 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> str:
     measurements: list[Measurement] = results["measurements"]
     lines = [f"== {NAME} ==", common.table(
         ["measurement", "cpus", "flows/s", "p50 ms", "p95 ms", "p99 ms", "emu CPU ms/flow",
-         "load CPU ms/flow", "load/emu", "errors"], [m.row() for m in measurements])]
+         "load CPU ms/flow", "load/emu", "errors", "machine ms"],
+        [m.row() for m in measurements]),
+        "machine ms: the reference work of bench.machine_speed just before/after, in CPU ms "
+        "(about 30 on a rested machine here; higher is slower)"]
     ncpu = len(os.sched_getaffinity(0))
     for m in measurements:
         r = m.run

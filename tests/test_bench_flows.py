@@ -32,6 +32,18 @@ def test_quick_csr_flows_are_measured_pinned_and_shared_and_reported_both_ways(
     for m in measurements:
         assert m["ops"] > 0 and m["errors"] == 0, m
         assert m["server_cpu_ms_per_op"] > 0 and m["client_cpu_ms_per_op"] > 0
+        speed = m["reference_work_ms"]  # the machine's speed, read around each measurement
+        assert speed["before"] > 0 and speed["after"] > 0
     assert "emulator capacity per core:" in proc.stdout
     cpus = len(os.sched_getaffinity(0))
     assert f"on {cpus} shared CPUs, load generator included:" in proc.stdout
+
+
+def test_the_machine_speed_reference_is_positive_and_printed() -> None:
+    from bench import machine_speed
+
+    assert machine_speed.reference_ms(runs=1) > 0
+    proc = subprocess.run([sys.executable, "-m", "bench.machine_speed", "--runs", "1"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0 and "reference work:" in proc.stdout, proc.stderr
