@@ -63,9 +63,16 @@ def public_key_pem(key: PrivateKey) -> str:
     )
 
 
-def load_private_key(pem: str | bytes) -> PrivateKey:
+def load_private_key(pem: str | bytes, *, check: bool = True) -> PrivateKey:
+    """Parse a PEM private key (RSA or EC).
+
+    ``check=False`` skips OpenSSL's consistency check of an RSA key (~44 ms of CPU for
+    RSA-2048 here, against 0.02 ms for the parse): for load generators holding keys that
+    the endpoint under test just made, whose TLS handshake proves the key anyway.
+    """
     data = pem.encode() if isinstance(pem, str) else pem
-    key = serialization.load_pem_private_key(data, password=None)
+    key = serialization.load_pem_private_key(data, password=None,
+                                             unsafe_skip_rsa_key_validation=not check)
     if not isinstance(key, (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey)):
         raise ValueError("only RSA and EC private keys are supported")
     return key

@@ -47,3 +47,23 @@ def test_the_machine_speed_reference_is_positive_and_printed() -> None:
                           cwd=ROOT, capture_output=True, text=True, timeout=60,
                           stdin=subprocess.DEVNULL)
     assert proc.returncode == 0 and "reference work:" in proc.stdout, proc.stderr
+
+
+def test_the_report_gives_a_verdict_for_each_target_it_measured() -> None:
+    import argparse
+
+    from bench import common
+    from bench.provisioning_flows import CpuMode, Measurement, report
+
+    def measured(name: str, ops: int, p99: float) -> Measurement:
+        run = common.Run(broker="emulator", ops=ops, seconds=60.0, errors=0, p50_ms=30.0,
+                         p99_ms=p99, server_cpu_s=0.4 * ops / 60, client_cpu_s=0.3 * ops / 60)
+        return Measurement(name, run, {}, 100.0, CpuMode.SHARED, (30.0, 31.0))
+
+    text = report({"measurements": [measured("csr x48", 9_600, 400.0),
+                                    measured("csr-rate @ 100/s", 6_000, 260.0)]},
+                  argparse.Namespace(rate=100.0))
+    assert "load generator included: 160.0 (issue 3 target >= 150: meets target)" in text
+    assert "CSR p99 at 100 flows/s (shared CPUs, load generator included): 260.0 ms " \
+           "(target < 250 ms: MISSES target)" in text
+    assert "30/31" in text  # the machine's speed around each measurement
