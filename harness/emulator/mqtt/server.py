@@ -21,6 +21,7 @@ import logging
 import socket
 import ssl
 import tempfile
+import threading
 import uuid
 import weakref
 from collections.abc import Awaitable, Callable
@@ -232,6 +233,11 @@ class Broker:
         self._expiry_timer: asyncio.TimerHandle | None = None
         self._stopped = False
         self._listener: Callable[[Any], None] | None = None
+        # registry events from other threads, relayed to the loop in order, one wake-up for
+        # all that arrive before the loop takes them (a RegisterThing commit emits several)
+        self._events_lock = threading.Lock()
+        self._events: list[Any] = []
+        self._events_posted = False
         self._port = 0
         self._host = "127.0.0.1"
         self._watching_clock = False
@@ -1077,8 +1083,25 @@ class Broker:
         loop = self._loop
         if loop is None or self._stopped or loop.is_closed():
             return
-        with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(self._registry_event, event)
+        with self._events_lock:
+            self._events.append(event)
+            if self._events_posted:  # the loop has not taken the earlier ones yet
+                return
+            self._events_posted = True
+        try:
+            loop.call_soon_threadsafe(self._registry_events)
+        except RuntimeError:  # the loop closed meanwhile: nobody to tell
+            with self._events_lock:
+                self._events.clear()
+                self._events_posted = False
+
+    def _registry_events(self) -> None:
+        """On the loop: every registry event relayed so far, in the order they happened."""
+        with self._events_lock:
+            events, self._events = self._events, []
+            self._events_posted = False
+        for event in events:
+            self._registry_event(event)
 
     def _registry_event(self, event: Any) -> None:
         if self._stopped:
