@@ -48,10 +48,12 @@ TOKEN_LIFETIME_S = 3600.0
 CLAIM_WINDOW_S = 300.0
 #: Spec broker §1.8: one CONNECT per second per client id; a reboot waits this long.
 CONNECT_WINDOW_S = 1.1
-#: The spike: 200 devices against quotas scaled down from AWS's so the run takes seconds
+#: The spike: 200 devices against quotas near AWS's defaults, the run taking seconds
 #: (AWS: CreateCertificateFromCsr 100/s, RegisterThing 10/s; spec fleet §5).
 SPIKE_DEVICES = 200
-SPIKE_QUOTAS = {"CreateCertificateFromCsr": "100/s", "RegisterThing": "50/s"}
+#: RegisterThing at 20/s: 200 devices need at least 9 s, so the spike is throttled even when
+#: a loaded machine spreads their arrivals over several seconds (at 50/s it sometimes was not)
+SPIKE_QUOTAS = {"CreateCertificateFromCsr": "100/s", "RegisterThing": "20/s"}
 SPIKE_RETRY = RetryPolicy(max_attempts=60, base_delay_s=0.1, max_delay_s=1.0)
 #: The restart: 100 concurrent flows, the broker restarts on the 30th RegisterThing.
 RESTART_DEVICES = 100
