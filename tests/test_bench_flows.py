@@ -67,3 +67,14 @@ def test_the_report_gives_a_verdict_for_each_target_it_measured() -> None:
     assert "CSR p99 at 100 flows/s (shared CPUs, load generator included): 260.0 ms " \
            "(target < 250 ms: MISSES target)" in text
     assert "30/31" in text  # the machine's speed around each measurement
+
+
+def test_the_sdk_sample_shape_subscribing_before_each_call_still_runs(tmp_path: Path) -> None:
+    out = tmp_path / "flows.json"
+    proc = subprocess.run([sys.executable, "-m", "bench.provisioning_flows", "--quick",
+                           "--only", "csr", "--cpus", "shared", "--subscribe", "per-call",
+                           "--json", str(out)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=180, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    [m] = json.loads(out.read_text())["measurements"]
+    assert m["ops"] > 0 and m["errors"] == 0, m
