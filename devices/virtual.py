@@ -26,7 +26,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from enum import Enum
@@ -327,8 +327,14 @@ class ProvisioningClient:
 
     def subscribe(self, api: Api, template: str | None = None) -> None:
         """Subscribe to the operation's ``accepted`` and ``rejected`` topics (QoS 1)."""
-        self.transport.subscribe(fp.subscription_filters(api, self.fmt, template), qos=1,
-                                 timeout=self.timeout)
+        self.subscribe_all([(api, template)])
+
+    def subscribe_all(self, calls: Iterable[tuple[Api, str | None]]) -> None:
+        """One SUBSCRIBE (QoS 1) to the ``accepted`` and ``rejected`` topics of each
+        ``(api, template)``: a device that subscribes once, before its first call."""
+        filters = [topic for api, template in calls
+                   for topic in fp.subscription_filters(api, self.fmt, template)]
+        self.transport.subscribe(filters, qos=1, timeout=self.timeout)
 
     def call(self, api: Api, payload: bytes, template: str | None = None) -> fp.Response:
         """Publish ``payload`` on the operation's request topic; return the parsed accepted

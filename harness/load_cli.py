@@ -96,6 +96,9 @@ def add_load_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
     flow.add_argument("--max-attempts", type=int, default=5,
                       help="tries per throttled request (AWS SDK-style backoff)")
     flow.add_argument("--claim-key", choices=("ec", "rsa"), default="ec")
+    flow.add_argument("--subscribe", choices=("once", "per-call"), default="once",
+                      help="once: each device subscribes to both calls' replies in one "
+                           "SUBSCRIBE; per-call: before each call, as the SDK samples do")
     shape = p.add_argument_group("load shape (rates in flows per second)")
     shape.add_argument("--shape", choices=("steady", "ramp", "spike", "soak", "factory"),
                        default="steady")
@@ -173,7 +176,7 @@ def _fleet_options(args: argparse.Namespace, run_id: str, endpoint_file: Path | 
         "--fleet-mqtt", str(args.mqtt), "--fleet-trusted-cert", choice.trusted_cert,
         "--fleet-hold", str(args.hold), "--fleet-max-attempts", str(args.max_attempts),
         "--fleet-claim-key", args.claim_key, "--fleet-ramp-from", str(args.ramp_from),
-        "--fleet-truth-sample", str(args.truth_sample),
+        "--fleet-truth-sample", str(args.truth_sample), "--fleet-subscribe", args.subscribe,
     ]
     optional = {"--fleet-pacing": args.pacing, "--fleet-ramp-to": args.ramp_to,
                 "--fleet-ramp-time": args.ramp_time, "--fleet-devices": args.devices,

@@ -57,6 +57,8 @@ SERIAL_PARAMETER = "SerialNumber"
 #: Seconds a failed flow waits for a dropped connection to close (a connection still in
 #: its TLS handshake has no socket to close yet: waiting longer would only delay the user).
 ABORT_WAIT_S = 1.0
+#: When a device subscribes to the replies: once for both calls, or before each call.
+SUBSCRIBE_MODES = ("once", "per-call")
 #: Failures whose reason a process logs (the rest are counted in Locust's tables).
 MAX_LOGGED_FAILURES = 20
 #: The slot's file holding the current device's private key and certificate (0600).
@@ -82,6 +84,9 @@ class FlowSettings:
     hold_s: float = 0.0
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     serial_parameter: str = SERIAL_PARAMETER
+    #: "once": one SUBSCRIBE to both calls' accepted/rejected topics before the first call;
+    #: "per-call": a SUBSCRIBE before each call, as the SDK samples do (one more round trip)
+    subscribe: str = "once"
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -95,6 +100,9 @@ class FlowSettings:
             raise ValueError("timeouts must be positive")
         if self.hold_s < 0:
             raise ValueError("hold_s must not be negative")
+        if self.subscribe not in SUBSCRIBE_MODES:
+            raise ValueError(f"subscribe must be one of {SUBSCRIBE_MODES}, not "
+                             f"{self.subscribe!r}")
 
     @property
     def api(self) -> Api:
@@ -393,8 +401,12 @@ class _FlowRun:
             key = generate_key(settings.key_type)
             csr = pki.make_csr(key, self.serial)
             key_pem = pki.private_key_pem(key)
+        per_call = settings.subscribe == "per-call"
         with self.step(StepName.for_api(api)):  # SUBSCRIBE accepted/rejected, then the call
-            client.subscribe(api)
+            if per_call:
+                client.subscribe(api)
+            else:  # both calls' replies, so the first step carries the one SUBSCRIBE
+                client.subscribe_all([(api, None), (Api.REGISTER_THING, target.template_name)])
             if api is Api.CREATE_CERTIFICATE_FROM_CSR:
                 issued: Any = client.create_certificate_from_csr(csr)
             else:
@@ -402,7 +414,8 @@ class _FlowRun:
                 key_pem = issued.private_key
         self.certificate_id = issued.certificate_id
         with self.step(StepName.REGISTER_THING):
-            client.subscribe(Api.REGISTER_THING, target.template_name)
+            if per_call:
+                client.subscribe(Api.REGISTER_THING, target.template_name)
             registered = client.register_thing(
                 target.template_name, issued.certificate_ownership_token,
                 {settings.serial_parameter: self.serial})

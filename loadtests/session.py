@@ -116,6 +116,8 @@ def add_arguments(parser: Any) -> None:
         help="certificate API of TrustedUserUser devices")
     add("--fleet-key-type", choices=("ec-p256", "rsa-2048"), default="ec-p256",
         help="key a CSR device generates (rsa-2048 costs ~37 ms of load-generator CPU)")
+    add("--fleet-subscribe", choices=("once", "per-call"), default="once",
+        help="once: one SUBSCRIBE for both calls' replies; per-call: before each call")
     add("--fleet-hold", default="0", help="seconds a device stays connected once provisioned")
     add("--fleet-timeout", type=float, default=10.0, help="connect/response timeout (s)")
     add("--fleet-max-attempts", type=int, default=5, help="tries per throttled request")
@@ -241,6 +243,7 @@ class LoadSession:
             key_type=KeyType(getattr(o, "fleet_key_type", KeyType.EC_P256.value)),
             connect_timeout_s=timeout, response_timeout_s=timeout,
             hold_s=_seconds(getattr(o, "fleet_hold", 0)),
+            subscribe=getattr(o, "fleet_subscribe", "once"),
             retry=RetryPolicy(max_attempts=int(getattr(o, "fleet_max_attempts", 5)),
                               base_delay_s=float(getattr(o, "fleet_base_delay", 0.1)),
                               max_delay_s=float(getattr(o, "fleet_max_delay", 5.0)),
@@ -537,6 +540,7 @@ class LoadSession:
             "key_type": getattr(o, "fleet_key_type", "ec-p256"),
             "claim_key": getattr(o, "fleet_claim_key", "ec"),
             "hold_s": _seconds(getattr(o, "fleet_hold", 0)),
+            "subscribe": getattr(o, "fleet_subscribe", "once"),
             "pacing_s": self.pacing_s,
             "retry": {"max_attempts": int(getattr(o, "fleet_max_attempts", 5)),
                       "base_delay_s": float(getattr(o, "fleet_base_delay", 0.1)),

@@ -240,10 +240,15 @@ def test_a_trusted_user_device_gets_its_claim_from_the_control_plane_first(
 def test_a_failed_flow_reports_the_step_and_the_certificate_it_already_had(
         target: FlowTarget, tmp_path: Path) -> None:
     wrong = dataclasses.replace(target, template_name=f"{target.prefix}-missing")
-    (o,) = run_flows(wrong, tmp_path, 1, response_timeout_s=3.0)
+    # subscribing before each call, the device has its certificate when RegisterThing fails
+    (o,) = run_flows(wrong, tmp_path, 1, response_timeout_s=3.0, subscribe="per-call")
     assert not o.ok and not o.interrupted
     assert o.failed_step == "RegisterThing" and o.error_code
     assert o.certificate_id is not None and o.thing_name is None
+    # subscribing once up front, the claim policy refuses the other template's topics first
+    (o,) = run_flows(wrong, tmp_path, 1, response_timeout_s=3.0)
+    assert not o.ok and o.failed_step == "CreateCertificateFromCsr" and o.error_code
+    assert o.certificate_id is None
 
 
 # --------------------------------------------------------------------------- truth
@@ -317,3 +322,23 @@ def test_a_journal_of_the_run_feeds_the_check_unchanged(
         worker.add(o)
     master.merge(worker.drain())
     assert check_run(endpoint.iot, fleet.prefix, master.outcomes).verified == 2
+
+
+@pytest.mark.parametrize(("subscribe", "shape"), [("once", [4]), ("per-call", [2, 2])])
+def test_a_device_subscribes_once_for_both_calls_or_before_each_call(
+        endpoint: Any, target: FlowTarget, tmp_path: Path, subscribe: str,
+        shape: list[int]) -> None:
+    [outcome] = run_flows(target, tmp_path, 1, subscribe=subscribe)
+    assert outcome.ok, (outcome.failed_step, outcome.error_code)
+    subscribes = endpoint.admin.events(kinds=["subscribe"], client_id=f"{outcome.serial}-claim",
+                                       wait=5)
+    assert [len(e.detail["filters"]) for e in subscribes] == shape
+    filters = [f for e in subscribes for f in e.detail["filters"]]
+    assert any("/create-from-csr/" in f for f in filters)
+    assert any(f"/{target.template_name}/provision/" in f for f in filters)
+    assert all(code < 0x80 for e in subscribes for code in e.detail["reason_codes"])
+
+
+def test_an_unknown_subscribe_mode_is_refused() -> None:
+    with pytest.raises(ValueError, match="subscribe must be one of"):
+        FlowSettings(subscribe="sometimes")
