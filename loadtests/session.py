@@ -57,7 +57,7 @@ from loadtests.fleet_setup import (
     process_workdir,
     remove_workdir,
 )
-from loadtests.flows import FlowSettings, FlowTarget
+from loadtests.flows import SUBSCRIBE_MODES, FlowSettings, FlowTarget
 from loadtests.shapes import DEFAULT_PACING_S, Schedule, ShapeError, build_schedule
 from loadtests.truth import TruthReport, check_run
 
@@ -116,7 +116,7 @@ def add_arguments(parser: Any) -> None:
         help="certificate API of TrustedUserUser devices")
     add("--fleet-key-type", choices=("ec-p256", "rsa-2048"), default="ec-p256",
         help="key a CSR device generates (rsa-2048 costs ~37 ms of load-generator CPU)")
-    add("--fleet-subscribe", choices=("once", "per-call"), default="once",
+    add("--fleet-subscribe", choices=SUBSCRIBE_MODES, default=SUBSCRIBE_MODES[0],
         help="once: one SUBSCRIBE for both calls' replies; per-call: before each call")
     add("--fleet-hold", default="0", help="seconds a device stays connected once provisioned")
     add("--fleet-timeout", type=float, default=10.0, help="connect/response timeout (s)")
